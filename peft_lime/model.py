@@ -1,0 +1,194 @@
+"""LimeModel: the BaseTuner of LiME. It holds no math (see layer.py / routing.py).
+
+It drives a headless instance of the base tuner (LoraModel, IA3Model, ...) to create that tuner's own adapter layers,
+so every backend and variant the base tuner supports (bitsandbytes 4-bit / 8-bit, DoRA, Conv1D, ...) is created
+exactly as the base tuner would, then wraps each adapted layer in a LimeLayer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import LimeConfig
+from .context import RoutingContext
+from .layer import MERGE_ERROR, LimeLayer
+from .registration import LIME_PREFIX
+
+
+def _base_tuner_cls(config: LimeConfig) -> type[BaseTuner]:
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    return PEFT_TYPE_TO_TUNER_MAPPING[config.base.peft_type]
+
+
+class LimeModel(BaseTuner):
+    """Creates a LiME (Lightweight Mixture of Experts) model from a pretrained transformers model.
+
+    Each layer targeted by ``config.base`` gets ONE adapter of the base method plus E expert vectors; a router
+    without parameters mixes the vectors per token and the mix multiplies the adapter output.
+
+    Args:
+        model: the model to adapt.
+        config: a LimeConfig.
+        adapter_name: name of the adapter, "default" by default.
+    """
+
+    prefix: str = LIME_PREFIX
+    tuner_layer_cls = LimeLayer
+    target_module_mapping: dict = {}
+
+    # --- setup --------------------------------------------------------------------------------------------------
+    def _pre_injection_hook(self, model: nn.Module, config: LimeConfig, adapter_name: str) -> None:
+        self.__dict__["routing_context"] = RoutingContext()
+        self.__dict__["_inner_tuners"] = {}
+        self.__dict__["_hook_handle"] = None
+
+    def _post_injection_hook(self, model: nn.Module, config: LimeConfig, adapter_name: str) -> None:
+        # Mask, positions and cache state reach the layers through a pre-hook on the wrapped model, so they are
+        # seen by every forward, including the ones generate() makes, without wrapping the user's forward.
+        self.__dict__["_hook_handle"] = model.register_forward_pre_hook(self._capture_routing_inputs, with_kwargs=True)
+
+    def _capture_routing_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        task_ids = kwargs.pop("task_ids", None)  # routing telemetry only: never reaches the base model
+        self.routing_context.update_from_call(args, kwargs)
+        if task_ids is not None:
+            self.routing_context.task_ids = task_ids
+        return args, kwargs
+
+    def _inner_tuner(self, config: LimeConfig, adapter_name: str) -> BaseTuner:
+        """A headless instance of the base tuner class: used only for its layer-creation logic."""
+        tuner_cls = _base_tuner_cls(config)
+        inner = self._inner_tuners.get(tuner_cls)
+        if inner is None:
+            inner = tuner_cls.__new__(tuner_cls)
+            nn.Module.__init__(inner)
+            inner.__dict__["model"] = self.model  # not a registered child: the model belongs to self
+            inner.peft_config = {}
+            inner.targeted_module_names = []
+            inner.targeted_parameter_names = []
+            self._inner_tuners[tuner_cls] = inner
+        inner.peft_config[adapter_name] = config.base
+        inner.active_adapter = list(self.active_adapters)
+        return inner
+
+    def _check_new_adapter_config(self, config: LimeConfig) -> None:
+        super()._check_new_adapter_config(config)
+        base_types = {conf.base.peft_type for conf in self.peft_config.values()}
+        if len(base_types) > 1:
+            raise ValueError(
+                "base: all LiME adapters of one model must wrap the same tuner type, got "
+                f"{sorted(t.value for t in base_types)}"
+            )
+
+    def _prepare_adapter_config(self, peft_config: LimeConfig, model_config: dict) -> LimeConfig:
+        adapter_name = next(name for name, conf in self.peft_config.items() if conf is peft_config)
+        inner = self._inner_tuner(peft_config, adapter_name)
+        inner._prepare_adapter_config(peft_config.base, model_config)
+        return peft_config
+
+    def _prepare_model(self, peft_config: LimeConfig, model: nn.Module) -> None:
+        adapter_name = next(name for name, conf in self.peft_config.items() if conf is peft_config)
+        self._inner_tuner(peft_config, adapter_name)._prepare_model(peft_config.base, model)
+
+    def _create_and_replace(
+        self,
+        lime_config: LimeConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        inner = self._inner_tuner(lime_config, adapter_name)
+        if isinstance(target, LimeLayer):
+            # Another adapter on an already wrapped layer: the base tuner updates its own layer, we add experts.
+            inner._create_and_replace(
+                lime_config.base, adapter_name, target.base_layer, "base_layer", target, current_key=current_key
+            )
+            target.update_layer(adapter_name, lime_config)
+            return
+        inner._create_and_replace(lime_config.base, adapter_name, target, target_name, parent, current_key=current_key)
+        tuner_layer = getattr(parent, target_name)
+        new_module = LimeLayer(tuner_layer, adapter_name, lime_config, self.routing_context, layer_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.lime_experts.requires_grad_(False)
+        setattr(parent, target_name, new_module)
+        self.routing_context.layers_per_adapter[adapter_name] = (
+            self.routing_context.layers_per_adapter.get(adapter_name, 0) + 1
+        )
+
+    # --- adapter lifecycle --------------------------------------------------------------------------------------
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.routing_context.layers_per_adapter.pop(adapter_name, None)
+        for inner in self._inner_tuners.values():
+            inner.peft_config.pop(adapter_name, None)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        model = super()._unload_and_optionally_merge(merge=False, **kwargs)
+        handle = self.__dict__.get("_hook_handle")
+        if handle is not None:
+            handle.remove()
+            self.__dict__["_hook_handle"] = None
+        return model
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any):
+        """``model.generate`` with a guard: beam search reorders the cache, which n-gram routing state cannot follow."""
+        if any(conf.n_gram > 1 and conf.ngram_mode == "causal" for conf in self.peft_config.values()):
+            gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+            num_beams = kwargs.get("num_beams", getattr(gen_config, "num_beams", 1)) or 1
+            if num_beams > 1 or kwargs.get("assistant_model") is not None:
+                raise ValueError(
+                    "num_beams: LiME with n_gram > 1 keeps per-sequence routing windows that beam search and assisted "
+                    "decoding would reorder or crop; use greedy decoding or sampling, or n_gram=1"
+                )
+        return self.model.generate(*args, **kwargs)
+
+    # --- state dict hooks: the base tuner's key conventions ---------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        return _base_tuner_cls(config)._get_adapter_state_dict(
+            model, config.base, adapter_name, state_dict, unwanted_adapter_names
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        return _base_tuner_cls(config)._remap_adapter_state_dict_for_load(model, config.base, adapter_name, state_dict)
+
+
+def find_lime_model(model: nn.Module) -> LimeModel:
+    """The LimeModel inside a PeftModel (or the LimeModel itself); clear error when there is none."""
+    for module in model.modules():
+        if isinstance(module, LimeModel):
+            return module
+    raise ValueError("model: no LiME adapter found (expected a model returned by get_peft_model with a LimeConfig)")
+
+
+def enable_task_ids(peft_model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Let ``task_ids`` passed to the PeftModel's forward reach LiME's per-task routing telemetry.
+
+    PeftModel.forward consumes a ``task_ids`` argument itself (for prompt-learning methods) and does not pass it on;
+    this pre-hook on the PeftModel reads it first. Returns the hook handle.
+    """
+    context = find_lime_model(peft_model).routing_context
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        task_ids = kwargs.get("task_ids")
+        context.task_ids = task_ids if torch.is_tensor(task_ids) else None
+
+    return peft_model.register_forward_pre_hook(capture, with_kwargs=True)

@@ -1,0 +1,209 @@
+"""Routing math of LiME as pure functions on tensors (no modules, no state).
+
+Shapes: ``N`` tokens flattened over batch and time where that is all a function needs, ``(B, T, E)`` where the
+time axis matters (windows). Everything here runs in float32: the routed slices are tiny (E channels per token),
+so the cost is negligible and the softmax / sigmoid stay well conditioned under bf16 training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Floor of the adapter-term normaliser, relative to the frozen term's scale. LoRA starts with B = 0, so the adapter
+# output is exactly zero at step 0: a normaliser with a tiny epsilon would scale the router's gradient by 1/epsilon
+# (1e6 in the reference code). With this floor the adapter's opinion phases in smoothly as it grows past 1% of the
+# frozen output, and the gradient factor stays bounded by 100 / scale_h.
+ADAPTER_SCALE_FLOOR = 1e-2
+_EPS = 1e-6
+
+
+def routing_logits(
+    frozen_slice: torch.Tensor,
+    delta_slice: torch.Tensor,
+    *,
+    gamma: float,
+    temperature: float,
+    norm: str,
+) -> torch.Tensor:
+    """Parameter-free router logits from the first E channels of the frozen output and of the adapter output.
+
+    ``norm="token"`` (default) normalises each token by its own RMS over the routed slice, so a token's logits
+    never depend on the rest of the batch. ``norm="batch"`` divides by the max-abs over the whole tensor, as the
+    reference code does; it is batch-dependent and exists only to reproduce published numbers.
+    Scales carry no gradient: they only set the per-token temperature of the router.
+    """
+    h = frozen_slice.float()
+    d = delta_slice.float()
+    if norm == "token":
+        scale_h = h.pow(2).mean(-1, keepdim=True).add(_EPS).sqrt().detach()
+        floor = (ADAPTER_SCALE_FLOOR * scale_h).pow(2)
+        scale_d = d.pow(2).mean(-1, keepdim=True).add(floor).sqrt().detach()
+    elif norm == "batch":
+        scale_h = h.abs().amax().add(_EPS).detach()
+        scale_d = d.abs().amax().add(_EPS).detach()
+    else:  # validated in LimeConfig; kept for direct callers of this function
+        raise ValueError(f"routing_norm must be 'token' or 'batch', got {norm!r}")
+    return ((1.0 - gamma) * h / scale_h + gamma * d / scale_d) / temperature
+
+
+def apply_jitter(logits: torch.Tensor, eps: float) -> torch.Tensor:
+    """Multiplicative jitter U(1 - eps, 1 + eps) on each logit (training only; the caller decides)."""
+    if eps <= 0:
+        return logits
+    noise = torch.empty_like(logits).uniform_(1.0 - eps, 1.0 + eps)
+    return logits * noise
+
+
+def segment_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sequence index of every token of a packed / padding-free row: a new sequence starts where positions reset.
+
+    A reset is a position that does not follow its predecessor by +1 (the first token of a row always starts one).
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(-1)
+
+
+def causal_window_mean(
+    logits: torch.Tensor,
+    n_gram: int,
+    *,
+    valid: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    past_logits: torch.Tensor | None = None,
+    past_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal n-gram routing: token t uses the mean logits of tokens t-n+1..t of its own sequence.
+
+    logits: (B, T, E). valid: (B, T) bool, False for padding (never averaged into another token's window).
+    segments: (B, T) sequence ids for packed rows (windows never cross them). past_logits / past_valid:
+    (B, n-1, E) / (B, n-1), the tail kept from earlier decoding steps of the same sequences.
+    A token always counts itself, so padding tokens get a defined (unused) value.
+    """
+    if n_gram <= 1:
+        return logits
+    B, T, _ = logits.shape
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+    if segments is None:
+        segments = torch.zeros(B, T, dtype=torch.long, device=logits.device)
+    if past_logits is not None:
+        P = past_logits.shape[1]
+        # The cached tail belongs to the sequence of the first new token.
+        all_logits = torch.cat([past_logits.to(logits.dtype), logits], dim=1)
+        all_valid = torch.cat([past_valid, valid], dim=1)
+        all_segments = torch.cat([segments[:, :1].expand(B, P), segments], dim=1)
+    else:
+        P = 0
+        all_logits, all_valid, all_segments = logits, valid, segments
+    total = logits.clone()
+    count = torch.ones(B, T, 1, dtype=logits.dtype, device=logits.device)
+    for k in range(1, n_gram):
+        start = P - k
+        if start + T <= 0:
+            break
+        # Source positions t - k for current positions t, clipped at the row's first token.
+        lo = max(start, 0)
+        dst = slice(lo - start, T)
+        src = slice(lo, start + T)
+        ok = all_valid[:, src] & (all_segments[:, src] == segments[:, dst])
+        w = ok.unsqueeze(-1).to(logits.dtype)
+        total[:, dst] = total[:, dst] + all_logits[:, src] * w
+        count[:, dst] = count[:, dst] + w
+    return total / count
+
+
+def block_window_logits(logits: torch.Tensor, n_gram: int, positions: torch.Tensor) -> torch.Tensor:
+    """Reference ("block") n-gram routing: each block of n tokens routes with its LAST token's logits.
+
+    Non-causal (token 2k sees token 2k+1); kept only to reproduce the paper. positions: (B, T) position of each
+    token inside its own sequence; blocks are [0, n), [n, 2n), ... of those positions and end at segment changes.
+    """
+    if n_gram <= 1:
+        return logits
+    B, T, E = logits.shape
+    block = torch.div(positions, n_gram, rounding_mode="floor")
+    # A block ends where the next token is in another block (or sequence), or at the row's end.
+    is_last = torch.ones_like(block, dtype=torch.bool)
+    is_last[:, :-1] = (block[:, 1:] != block[:, :-1]) | (positions[:, 1:] != positions[:, :-1] + 1)
+    idx = torch.arange(T, device=logits.device).expand(B, T)
+    last_idx = torch.where(is_last, idx, torch.full_like(idx, T))
+    # Reverse cumulative min gives, for every token, the index of the last token of its block.
+    last_idx = torch.flip(torch.cummin(torch.flip(last_idx, [1]), dim=1).values, [1])
+    return torch.gather(logits, 1, last_idx.unsqueeze(-1).expand(B, T, E))
+
+
+@dataclass
+class Selection:
+    """Mixing weights per token (rows sum to 1) and the hard mask of selected experts (for telemetry)."""
+
+    weights: torch.Tensor
+    selected: torch.Tensor
+
+
+def select_experts(
+    probs: torch.Tensor,
+    *,
+    top_k: int,
+    auto_topk: bool,
+    threshold: float,
+    max_active: int | None,
+    mode: str,
+    selection_temperature: float,
+) -> Selection:
+    """Turn routing probabilities (N, E) into mixing weights.
+
+    Fixed top-k keeps the k largest; Auto Top-K keeps every expert with p >= threshold * max p (at most
+    max_active). "hard" renormalises the kept probabilities; "soft" replaces the mask by
+    sigmoid((p - cut) / selection_temperature) so every expert receives gradient.
+    """
+    E = probs.shape[-1]
+    k = min(max_active, E) if (auto_topk and max_active is not None) else (top_k if not auto_topk else E)
+    if auto_topk:
+        cut = threshold * probs.amax(-1, keepdim=True)
+        if k < E:
+            cut = torch.maximum(cut, torch.topk(probs, k, dim=-1).values[..., -1:])
+    else:
+        cut = torch.topk(probs, k, dim=-1).values[..., -1:]
+    selected = probs >= cut
+    if k < E:
+        # Ties at the cut could select more than k experts; rank-based cap keeps the count exact.
+        rank = probs.argsort(-1, descending=True).argsort(-1)
+        selected = selected & (rank < k)
+    if mode == "hard":
+        gate = selected.to(probs.dtype)
+    else:
+        gate = torch.sigmoid((probs - cut) / selection_temperature)
+    weights = probs * gate
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    return Selection(weights=weights, selected=selected)
+
+
+def balance_terms(probs: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Load-balancing terms over the valid tokens: (importance, kl_uniform, mean_probs).
+
+    importance = E * sum_i pbar_i^2 - 1 (squared coefficient of variation of pbar, 0 when uniform);
+    kl_uniform = sum_i pbar_i * log(E * pbar_i) = KL(pbar || uniform).
+    probs: (N, E); valid: (N,) bool or None.
+    """
+    E = probs.shape[-1]
+    if valid is not None:
+        w = valid.to(probs.dtype).unsqueeze(-1)
+        pbar = (probs * w).sum(0) / w.sum().clamp_min(1.0)
+    else:
+        pbar = probs.mean(0)
+    importance = E * pbar.pow(2).sum() - 1.0
+    kl = (pbar * torch.log(pbar.clamp_min(1e-12) * E)).sum()
+    return importance, kl, pbar
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy divided by log(E): 0 for a one-hot route, 1 for a uniform one. probs: (N, E)."""
+    E = probs.shape[-1]
+    if E == 1:
+        return torch.zeros(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
+    ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+    return ent / math.log(E)

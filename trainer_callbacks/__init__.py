@@ -1,0 +1,1 @@
+"""Trainer callbacks for LiME routing telemetry."""
