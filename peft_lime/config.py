@@ -27,7 +27,7 @@ def _jsonable(value: Any) -> Any:
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, PeftType) or (hasattr(value, "value") and isinstance(getattr(value, "value"), str)):
+    if isinstance(value, PeftType) or (hasattr(value, "value") and isinstance(value.value, str)):
         return value.value
     return value
 

@@ -7,6 +7,7 @@ One class serves every base tuner: only the delta function differs.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -62,9 +63,12 @@ class LimeExperts(nn.Module):
     parameters of quantized models) would lose every update smaller than 1/256, deviations near 0 do not.
     """
 
-    def __init__(self, num_experts: int, width: int, shared_expert: bool, init_std: float) -> None:
+    def __init__(
+        self, num_experts: int, width: int, shared_expert: bool, init_std: float, seed: Optional[int] = None
+    ) -> None:
         super().__init__()
         self.init_std = init_std
+        self.seed = seed
         self.weight = nn.Parameter(torch.empty(num_experts, width, dtype=torch.float32))
         if shared_expert:
             self.shared = nn.Parameter(torch.empty(width, dtype=torch.float32))
@@ -75,10 +79,16 @@ class LimeExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # A private generator (when a seed is given) leaves the global RNG where the base tuner expects it: LiME over
+        # LoRA then initialises exactly the LoRA weights plain LoRA gets with the same seed, which makes side-by-side
+        # comparisons fair and lets a user switch methods without changing the adapter's starting point.
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=self.weight.device).manual_seed(self.seed)
         with torch.no_grad():
-            self.weight.uniform_(-self.init_std, self.init_std)
+            self.weight.uniform_(-self.init_std, self.init_std, generator=generator)
             if self.shared is not None:
-                self.shared.normal_(0.0, self.init_std)
+                self.shared.normal_(0.0, self.init_std, generator=generator)
                 self.gate.zero_()
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
@@ -88,6 +98,11 @@ class LimeExperts(nn.Module):
         if self.shared is not None:
             offset = offset + (self.gate * self.shared).to(dtype)
         return torch.addmm(offset.expand(self.weight.shape[1]), mix, self.weight.to(dtype))
+
+
+def expert_seed(layer_name: str, adapter_name: str) -> int:
+    """Seed of one layer's expert init: follows the user's torch.manual_seed, differs per layer and adapter."""
+    return (torch.initial_seed() + zlib.crc32(f"{layer_name}/{adapter_name}".encode())) % (2**63)
 
 
 class LimeLayer(nn.Module, BaseTunerLayer):
@@ -132,7 +147,13 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             )
         if isinstance(self.base_layer, LoraLayer):
             check_lora_variants(self.base_layer, adapter_name)
-        experts = LimeExperts(config.num_experts, self.out_features, config.shared_expert, config.expert_init_std)
+        experts = LimeExperts(
+            config.num_experts,
+            self.out_features,
+            config.shared_expert,
+            config.expert_init_std,
+            seed=expert_seed(self.layer_name, adapter_name),
+        )
         weight = self.get_base_layer().weight
         device = weight.device if weight.device.type != "meta" else None
         self.lime_experts[adapter_name] = experts.to(device) if device is not None else experts

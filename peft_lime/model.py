@@ -162,13 +162,36 @@ class LimeModel(BaseTuner):
     # --- state dict hooks: the base tuner's key conventions ---------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # PEFT finds adapter keys by module names, and only strips a LEADING "_fsdp_wrapped_module.". FSDP1's nested
+        # units and torch's activation-checkpoint wrappers put such segments in the middle of names, while
+        # state_dict() keys never contain them: without the view below the saved adapter would be empty.
         return _base_tuner_cls(config)._get_adapter_state_dict(
-            model, config.base, adapter_name, state_dict, unwanted_adapter_names
+            _StateDictNamesView(model), config.base, adapter_name, state_dict, unwanted_adapter_names
         )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         return _base_tuner_cls(config)._remap_adapter_state_dict_for_load(model, config.base, adapter_name, state_dict)
+
+
+# Name segments that wrapper modules add to module names but that their state_dict() hooks remove from keys.
+_WRAPPER_NAME_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+class _StateDictNamesView:
+    """A model whose ``named_modules`` yields names as its ``state_dict()`` keys spell them (wrappers removed)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def named_modules(self, *args: Any, **kwargs: Any):
+        for name, module in self._model.named_modules(*args, **kwargs):
+            for segment in _WRAPPER_NAME_SEGMENTS:
+                name = name.replace(segment, "")
+            yield name, module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def find_lime_model(model: nn.Module) -> LimeModel:

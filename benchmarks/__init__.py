@@ -1,0 +1,1 @@
+"""Benchmarks of peft-lime (efficiency against LoRA, MixLoRA and MoLoRA-style baselines)."""

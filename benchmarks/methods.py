@@ -1,0 +1,125 @@
+"""The benchmarked methods: how each one adapts a base model, and its trainable-parameter formula.
+
+Every method targets q/k/v/o/gate/up/down at rank 8 with lora_alpha 8 (PEFT's default, scaling 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+from .baselines.mixlora import apply_mixlora
+from .baselines.mixlora_pkg import apply_mixlora_package
+from .baselines.molora import apply_molora
+from .harness import AuxFn
+from .param_counts import TARGETS, lime_params, lora_params, mixlora_params, molora_params
+
+RANK = 8
+ALPHA = 8
+MOE_EXPERTS = 8
+MOE_TOP_K = 2
+
+LORA = "LoRA (PEFT)"
+LIME_E8 = "LiME E=8"
+MIXLORA = "MixLoRA"
+MIXLORA_PKG = "MixLoRA (pip mixlora 0.2.3)"
+MOLORA = "MoLoRA-style E=8 top-2"
+
+Builder = Callable[[nn.Module], tuple[nn.Module, Optional[AuxFn]]]
+
+
+@dataclass
+class Method:
+    """A benchmarked method: display name, builder (base model -> adapted model, aux-loss hook), param formula."""
+
+    name: str
+    build: Builder
+    expected_params: Callable[[Any], int]
+    description: str
+
+
+def _lora(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS))), None
+
+
+def _lime(**lime_kwargs: Any) -> Builder:
+    def build(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
+        from peft import LoraConfig, get_peft_model
+
+        import peft_lime
+
+        base = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS))
+        # LiME injects its balance loss into the gradient itself: no aux hook for the train step.
+        return get_peft_model(model, peft_lime.LimeConfig(base=base, **lime_kwargs)), None
+
+    return build
+
+
+def _mixlora(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
+    return model, apply_mixlora(model, RANK, ALPHA, MOE_EXPERTS, MOE_TOP_K)
+
+
+def _mixlora_pkg(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
+    return model, apply_mixlora_package(model, RANK, ALPHA, MOE_EXPERTS, MOE_TOP_K)
+
+
+def _molora(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
+    return model, apply_molora(model, TARGETS, RANK, ALPHA, MOE_EXPERTS, MOE_TOP_K)
+
+
+def lime_method(name: str, num_experts: int, description: str, **kwargs: Any) -> Method:
+    """LiME over PEFT LoRA (rank 8, seven targets), shared expert on (the default)."""
+    return Method(
+        name,
+        _lime(num_experts=num_experts, **kwargs),
+        lambda config: lime_params(config, RANK, num_experts, shared_expert=True),
+        description,
+    )
+
+
+def all_methods(include_package: bool) -> list[Method]:
+    """Every method, the reference (plain LoRA) first; the pip MixLoRA row only when the package is usable."""
+    methods = [
+        Method(LORA, _lora, lambda c: lora_params(c, RANK), "peft LoraConfig(r=8), the 1.00 reference"),
+        lime_method("LiME E=4", 4, "Auto Top-K (default)"),
+        lime_method(LIME_E8, 8, "Auto Top-K (default), soft selection"),
+        lime_method("LiME E=16", 16, "Auto Top-K (default)"),
+        lime_method("LiME E=8 top-2", 8, "fixed top-k: auto_topk=False, top_k=2", auto_topk=False, top_k=2),
+        lime_method("LiME E=8 hard", 8, 'selection="hard"', selection="hard"),
+        lime_method("LiME E=8 n-gram 4", 8, "n_gram=4 (causal windows)", n_gram=4),
+        Method(
+            MIXLORA,
+            _mixlora,
+            lambda c: mixlora_params(c, RANK, MOE_EXPERTS),
+            "re-implementation (benchmarks/baselines/mixlora.py): LoRA on q/k/v/o, top-2 of 8 LoRA experts on "
+            "gate/up/down sharing the frozen FFN, router hidden->8, load-balance loss",
+        ),
+    ]
+    if include_package:
+        methods.append(
+            Method(
+                MIXLORA_PKG,
+                _mixlora_pkg,
+                lambda c: mixlora_params(c, RANK, MOE_EXPERTS),
+                "the pip package's own forward, made trainable (benchmarks/baselines/mixlora_pkg.py)",
+            )
+        )
+    methods.append(
+        Method(
+            MOLORA,
+            _molora,
+            lambda c: molora_params(c, RANK, MOE_EXPERTS),
+            "benchmarks/baselines/molora.py: 8 LoRA experts + router in->8 on every target, top-2",
+        )
+    )
+    return methods
+
+
+def required_method_names() -> list[str]:
+    """Names every run reports (the pip MixLoRA row is optional: it needs the package installed)."""
+    return [m.name for m in all_methods(include_package=False)]

@@ -1,0 +1,414 @@
+"""mini-MMT tasks, fixed seeded splits and the ``Example`` record.
+
+Seven tasks over three modalities, every one with a closed label set, all built from data inside pip packages:
+
+==  ==============  ========  ===========================================  ==========================
+id  task            modality  prompt                                       labels
+==  ==============  ========  ===========================================  ==========================
+0   chat_topic      text      a chatterbot-corpus question                 its category (21 names)
+1   chat_answer     text      question + 4 candidate answers               letter A-D
+2   digits          image     8x8 handwritten digit (scikit-learn)         0-9
+3   easy_vqa        image     64x64 synthetic image + question (easy-vqa)  13 answers
+4   iris            tabular   iris measurements rendered as text           3 species
+5   wine            tabular   four wine features rendered as text          3 cultivars
+6   breast_cancer   tabular   four tumour features rendered as text        malignant / benign
+==  ==============  ========  ===========================================  ==========================
+
+Splits are made once per task from a seeded shuffle of *split units* (a chatterbot question text, an easy-vqa image,
+a scikit-learn row), so a unit never lands in two splits, whatever the caps. Caps then take a label-balanced prefix
+of each split: a smaller cap gives a subset of a larger cap's examples, and the test split does not depend on the
+training cap. easy-vqa's official test images form the test split; its training images give train and validation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 32  # every image reaches the projector as 3 x 32 x 32 floats in [0, 1]
+SPLITS = ("train", "validation", "test")
+# Fractions of split units per split, for tasks without an official test split.
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+MAX_WORDS_QUESTION = 20
+MAX_WORDS_ANSWER = 8
+
+
+class MissingExtraError(ImportError):
+    """A mini-MMT task needs an optional pip package that is not installed."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Static description of one task."""
+
+    task_id: int
+    name: str
+    modality: str  # "text", "image" or "tabular" (tabular rows are rendered as text)
+    package: str  # pip package that provides the data
+    module: str  # module imported from that package
+
+
+TASKS: tuple[TaskInfo, ...] = (
+    TaskInfo(0, "chat_topic", "text", "chatterbot-corpus", "chatterbot_corpus"),
+    TaskInfo(1, "chat_answer", "text", "chatterbot-corpus", "chatterbot_corpus"),
+    TaskInfo(2, "digits", "image", "scikit-learn", "sklearn"),
+    TaskInfo(3, "easy_vqa", "image", "easy-vqa", "easy_vqa"),
+    TaskInfo(4, "iris", "tabular", "scikit-learn", "sklearn"),
+    TaskInfo(5, "wine", "tabular", "scikit-learn", "sklearn"),
+    TaskInfo(6, "breast_cancer", "tabular", "scikit-learn", "sklearn"),
+)
+TASK_BY_NAME = {t.name: t for t in TASKS}
+MODALITIES = ("text", "image", "tabular")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with a closed set of candidate answers; the gold answer is one of them."""
+
+    task_id: int
+    task: str
+    modality: str
+    prompt: str
+    candidates: tuple[str, ...]
+    label: str
+    group: str  # split unit: examples sharing a group are always in the same split
+    image: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)  # (3, H, W) in [0, 1]
+
+    @property
+    def label_index(self) -> int:
+        """Index of the gold label in ``candidates``."""
+        return self.candidates.index(self.label)
+
+
+@dataclass(frozen=True)
+class SplitCaps:
+    """Maximum number of examples per task and split (None: no cap)."""
+
+    train: Optional[int] = 96
+    validation: Optional[int] = 16
+    test: Optional[int] = 28
+
+    def for_split(self, split: str) -> Optional[int]:
+        """The cap of one split."""
+        return {"train": self.train, "validation": self.validation, "test": self.test}[split]
+
+
+@dataclass
+class MiniMMT:
+    """The loaded suite: examples per split, and the tasks they come from."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    tasks: tuple[TaskInfo, ...]
+
+    def split(self, name: str) -> list[Example]:
+        """Examples of one split by name."""
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Number of examples per task and split."""
+        out: dict[str, dict[str, int]] = {}
+        for name in SPLITS:
+            for ex in self.split(name):
+                out.setdefault(ex.task, dict.fromkeys(SPLITS, 0))[name] += 1
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+def require(task: TaskInfo) -> Any:
+    """Import the module a task needs, or raise MissingExtraError naming the pip package to install."""
+    try:
+        return importlib.import_module(task.module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"mini-MMT task {task.name!r} needs the pip package {task.package!r}, which is not installed: "
+            f"pip install {task.package}  (or pip install -e '.[demo]', or bash scripts/setup.sh)"
+        ) from err
+
+
+def package_dir(module: str, package: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(f"the pip package {package!r} (module {module}) is not installed: pip install {package}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _clip_words(text: str, n: int) -> str:
+    words = str(text).split()
+    return " ".join(words[:n]) + (" ..." if len(words) > n else "")
+
+
+def _fmt(x: float) -> str:
+    """Three significant digits, no exponent for the ranges in these datasets."""
+    return f"{float(x):.3g}"
+
+
+def split_units(units: Sequence[str], seed: int, fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> dict:
+    """Assign each unit to a split by a seeded shuffle of the sorted units (deterministic, disjoint)."""
+    order = sorted(set(units))
+    random.Random(seed).shuffle(order)
+    n_train = int(round(fractions[0] * len(order)))
+    n_val = int(round(fractions[1] * len(order)))
+    out = {}
+    for i, unit in enumerate(order):
+        out[unit] = "train" if i < n_train else ("validation" if i < n_train + n_val else "test")
+    return out
+
+
+def balanced_take(examples: Sequence[Example], cap: Optional[int], seed: int) -> list[Example]:
+    """A label-balanced, seeded selection: round-robin over labels of a seeded shuffle; a prefix for smaller caps."""
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    for ex in shuffled:
+        by_label[ex.label].append(ex)
+    labels = sorted(by_label)
+    random.Random(seed + 1).shuffle(labels)
+    out: list[Example] = []
+    depth = 0
+    while len(out) < len(shuffled) and (cap is None or len(out) < cap):
+        for label in labels:
+            if depth < len(by_label[label]) and (cap is None or len(out) < cap):
+                out.append(by_label[label][depth])
+        depth += 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Builders: each returns {split: [Example, ...]} before caps
+# --------------------------------------------------------------------------------------------------------------
+Builder = Callable[[TaskInfo, int], dict[str, list[Example]]]
+
+
+@lru_cache(maxsize=1)
+def _chatterbot_pairs_cached(package: str, module: str) -> tuple[tuple[str, str, str], ...]:
+    """(question, answer, category) for every adjacent pair of utterances in the English corpus."""
+    import yaml
+
+    folder = package_dir(module, package) / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise MissingExtraError(f"no English yml files under {folder}: reinstall {package}")
+    pairs = []
+    for path in files:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        category = str((doc.get("categories") or [path.stem])[0]).replace("_", " ")
+        for conv in doc.get("conversations") or []:
+            for q, a in zip(conv[:-1], conv[1:]):
+                pairs.append((str(q).strip(), str(a).strip(), category))
+    return tuple(pairs)
+
+
+def _chatterbot_pairs(task: TaskInfo) -> tuple[tuple[str, str, str], ...]:
+    require(task)
+    return _chatterbot_pairs_cached(task.package, task.module)
+
+
+def _build_chat_topic(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
+    pairs = _chatterbot_pairs(task)
+    cats_of: dict[str, set[str]] = defaultdict(set)
+    for q, _, c in pairs:
+        cats_of[q].add(c)
+    categories = tuple(sorted({c for _, _, c in pairs}))
+    assign = split_units(list(cats_of), seed)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for q in sorted(cats_of):
+        if len(cats_of[q]) != 1:  # the same text in two categories has no single gold label
+            continue
+        prompt = f"Question: {_clip_words(q, MAX_WORDS_QUESTION)}\nTopic:"
+        label = next(iter(cats_of[q]))
+        out[assign[q]].append(Example(task.task_id, task.name, task.modality, prompt, categories, label, q))
+    return out
+
+
+def _build_chat_answer(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
+    pairs = _chatterbot_pairs(task)
+    answers_of: dict[str, list[str]] = defaultdict(list)
+    for q, a, _ in pairs:
+        if a not in answers_of[q]:
+            answers_of[q].append(a)
+    assign = split_units(list(answers_of), seed)
+    letters = ("A", "B", "C", "D")
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for split in SPLITS:
+        questions = sorted(q for q in answers_of if assign[q] == split)
+        pool = sorted({a for q in questions for a in answers_of[q]})  # distractors come from the same split
+        rng = random.Random(f"{seed}-{split}")
+        for i, q in enumerate(questions):
+            own = set(answers_of[q])
+            gold = rng.choice(answers_of[q])
+            options = [a for a in pool if a not in own]
+            if len(options) < 3:
+                continue
+            distractors = rng.sample(options, 3)
+            slot = (i + rng.randrange(4)) % 4
+            choices = distractors[:slot] + [gold] + distractors[slot:]
+            lines = "\n".join(f"{letter}. {_clip_words(c, MAX_WORDS_ANSWER)}" for letter, c in zip(letters, choices))
+            prompt = f"Question: {_clip_words(q, MAX_WORDS_QUESTION)}\n{lines}\nBest reply:"
+            out[split].append(Example(task.task_id, task.name, task.modality, prompt, letters, letters[slot], q))
+    return out
+
+
+def _gray_to_rgb(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(h, w) in [0, 1] -> (3, size, size), nearest upsampling (keeps the strokes sharp)."""
+    x = img[None, None].float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="nearest")
+    return x[0].expand(3, size, size).contiguous()
+
+
+def _build_digits(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
+    datasets = importlib.import_module(f"{require(task).__name__}.datasets")
+    bunch = datasets.load_digits()
+    units = [f"digits:{i}" for i in range(len(bunch.target))]
+    assign = split_units(units, seed)
+    labels = tuple(str(d) for d in range(10))
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    images = torch.as_tensor(bunch.images) / 16.0
+    for i, unit in enumerate(units):
+        image = _gray_to_rgb(images[i], IMAGE_SIZE)
+        ex = Example(task.task_id, task.name, task.modality, "Which digit is shown?\nDigit:", labels,
+                     str(int(bunch.target[i])), unit, image)
+        out[assign[unit]].append(ex)
+    return out
+
+
+def _load_png(path: str, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size, size), Image.BOX)
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(size, size, 3).permute(2, 0, 1).float() / 255.0
+
+
+class _LazyImage:
+    """Image paths resolved to tensors only for the examples that survive the caps."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def _build_easy_vqa(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
+    evqa = require(task)
+    answers = tuple(evqa.get_answers())
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    train_q = evqa.get_train_questions()
+    train_paths = evqa.get_train_image_paths()
+    assign = split_units([f"easy_vqa:train:{i}" for i in sorted(set(train_q[2]))], seed, (0.85, 0.15, 0.0))
+    for (texts, labels, image_ids), paths, official in (
+        (train_q, train_paths, "train"),
+        (evqa.get_test_questions(), evqa.get_test_image_paths(), "test"),
+    ):
+        for text, label, image_id in zip(texts, labels, image_ids):
+            unit = f"easy_vqa:{official}:{image_id}"
+            split = assign[unit] if official == "train" else "test"
+            prompt = f"Question: {text}\nAnswer:"
+            ex = Example(task.task_id, task.name, task.modality, prompt, answers, label, unit,
+                         _LazyImage(paths[image_id]))  # type: ignore[arg-type]
+            out[split].append(ex)
+    return out
+
+
+# Feature subsets keep the rendered rows short (a few dozen tokens); they are the classic separating features.
+_TABULAR = {
+    "iris": dict(
+        loader="load_iris",
+        labels=("setosa", "versicolor", "virginica"),
+        render=lambda r: f"Iris flower: sepal {_fmt(r[0])} x {_fmt(r[1])} cm, petal {_fmt(r[2])} x {_fmt(r[3])} cm.\n"
+        "Species:",
+    ),
+    "wine": dict(
+        loader="load_wine",
+        # The three cultivars of the UCI wine data (Forina et al.): classes 0, 1, 2.
+        labels=("barolo", "grignolino", "barbera"),
+        render=lambda r: f"Wine: alcohol {_fmt(r[0])}%, flavanoids {_fmt(r[6])}, color intensity {_fmt(r[9])}, "
+        f"proline {_fmt(r[12])}.\nCultivar:",
+    ),
+    "breast_cancer": dict(
+        loader="load_breast_cancer",
+        labels=("malignant", "benign"),
+        render=lambda r: f"Tumor: mean radius {_fmt(r[0])}, mean texture {_fmt(r[1])}, worst area {_fmt(r[23])}, "
+        f"worst concave points {_fmt(r[27])}.\nDiagnosis:",
+    ),
+}
+
+
+def _build_tabular(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
+    datasets = importlib.import_module(f"{require(task).__name__}.datasets")
+    spec = _TABULAR[task.name]
+    bunch = getattr(datasets, spec["loader"])()
+    units = [f"{task.name}:{i}" for i in range(len(bunch.target))]
+    assign = split_units(units, seed)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for i, unit in enumerate(units):
+        ex = Example(task.task_id, task.name, task.modality, spec["render"](bunch.data[i]), spec["labels"],
+                     spec["labels"][int(bunch.target[i])], unit)
+        out[assign[unit]].append(ex)
+    return out
+
+
+BUILDERS: dict[str, Builder] = {
+    "chat_topic": _build_chat_topic,
+    "chat_answer": _build_chat_answer,
+    "digits": _build_digits,
+    "easy_vqa": _build_easy_vqa,
+    "iris": _build_tabular,
+    "wine": _build_tabular,
+    "breast_cancer": _build_tabular,
+}
+
+
+def _materialise(ex: Example) -> Example:
+    if isinstance(ex.image, _LazyImage):
+        return Example(ex.task_id, ex.task, ex.modality, ex.prompt, ex.candidates, ex.label, ex.group,
+                       _load_png(ex.image.path, IMAGE_SIZE))
+    return ex
+
+
+def load_mini_mmt(
+    tasks: Optional[Iterable[str]] = None,
+    caps: Optional[SplitCaps] = None,
+    seed: int = 0,
+) -> MiniMMT:
+    """Build mini-MMT.
+
+    Args:
+        tasks: task names to include (default: all of ``TASKS``); task ids stay those of ``TASKS``.
+        caps: per-task caps of each split (default ``SplitCaps()``).
+        seed: seed of the splits and of the balanced selection. Keep it fixed to compare runs: the training seed
+            of a run is a separate thing.
+
+    Raises:
+        MissingExtraError: a task's data package is not installed (the message names the pip package).
+        ValueError: an unknown task name.
+    """
+    names = list(tasks) if tasks is not None else [t.name for t in TASKS]
+    unknown = [n for n in names if n not in TASK_BY_NAME]
+    if unknown:
+        raise ValueError(f"tasks: unknown mini-MMT task(s) {unknown}; known: {[t.name for t in TASKS]}")
+    caps = caps or SplitCaps()
+    chosen = tuple(TASK_BY_NAME[n] for n in sorted(set(names), key=lambda n: TASK_BY_NAME[n].task_id))
+    per_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for task in chosen:
+        built = BUILDERS[task.name](task, seed)
+        for split in SPLITS:
+            taken = balanced_take(built[split], caps.for_split(split), seed + task.task_id)
+            per_split[split].extend(_materialise(ex) for ex in taken)
+        logger.info("mini-MMT %s: %s", task.name, {s: len(built[s]) for s in SPLITS})
+    return MiniMMT(per_split["train"], per_split["validation"], per_split["test"], chosen)

@@ -1,0 +1,84 @@
+"""Tiny models and configs built offline from configs, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+import peft_lime
+
+VOCAB = 101
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)).eval()
+
+
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        max_position_embeddings=128,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def lora(**kwargs):
+    from peft import LoraConfig
+
+    kwargs.setdefault("r", 4)
+    kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+    # Random B so the adapter output is non-zero from the start: otherwise every test of LiME's modulation
+    # would compare zeros.
+    kwargs.setdefault("init_lora_weights", False)
+    return LoraConfig(**kwargs)
+
+
+def lime(base=None, **kwargs):
+    kwargs.setdefault("num_experts", 4)
+    return peft_lime.LimeConfig(base=base if base is not None else lora(), **kwargs)
