@@ -39,6 +39,11 @@ class RoutingContext:
     aux_loss_scale: float = 1.0
     # Number of LiME layers per adapter: the aux loss is a mean over layers.
     layers_per_adapter: dict[str, int] = field(default_factory=dict)
+    # Cached decoding with n-gram windows: the last n-1 routing logits (and validity) of every sequence, per LiME
+    # layer and adapter. They belong to the sequences in the KV cache, so they follow it (see follow_cache).
+    decode_tails: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Why the tails no longer match the cache (e.g. it was cropped), for the error of the next decoding step.
+    decode_tails_lost: Optional[str] = None
 
     def clear(self) -> None:
         self.batch_size, self.new_tokens, self.layout, self.task_ids = -1, -1, None, None
@@ -55,6 +60,10 @@ class RoutingContext:
             return
         B, T = ref.shape[0], ref.shape[1]
         continuing = _past_length(kwargs) > 0
+        if not continuing:  # a new sequence starts: earlier decoding windows no longer apply
+            self.decode_tails.clear()
+            self.decode_tails_lost = None
+        self.follow_cache(kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         valid = None
         if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= T:
@@ -72,6 +81,49 @@ class RoutingContext:
         self.layout = TokenLayout(valid=valid, segments=segments, positions=positions, continuing=continuing)
         if "task_ids" in kwargs and torch.is_tensor(kwargs["task_ids"]):
             self.task_ids = kwargs["task_ids"]
+
+    def follow_cache(self, cache: Any) -> None:
+        """Make the kept routing windows follow what ``generate`` does to the KV cache object.
+
+        Beam search reorders the cache rows, contrastive search and ``num_return_sequences`` select or repeat them:
+        the windows are reordered the same way. Assisted decoding crops the cache, which would need logits that were
+        never kept: the windows are marked lost and the next decoding step raises a clear error instead of routing
+        with the wrong tokens. The cache object's methods are wrapped on the instance, once.
+        """
+        if cache is None or not hasattr(cache, "reorder_cache") or cache.__dict__.get("_lime_context") is self:
+            return
+        cache.__dict__["_lime_context"] = self
+
+        def follow(method_name: str, update) -> None:
+            original = getattr(cache, method_name, None)
+            if original is None:
+                return
+
+            def wrapped(arg):
+                result = original(arg)
+                update(arg)
+                return result
+
+            setattr(cache, method_name, wrapped)
+
+        def select(indices: torch.Tensor) -> None:
+            for key, (logits, valid) in self.decode_tails.items():
+                idx = indices.to(logits.device)
+                self.decode_tails[key] = (logits.index_select(0, idx), valid.index_select(0, idx))
+
+        def repeat(repeats: int) -> None:
+            for key, (logits, valid) in self.decode_tails.items():
+                self.decode_tails[key] = (logits.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0))
+
+        def lose(_: Any) -> None:
+            if self.decode_tails:
+                self.decode_tails.clear()
+                self.decode_tails_lost = "the KV cache was cropped (assisted or speculative decoding)"
+
+        follow("reorder_cache", select)
+        follow("batch_select_indices", select)
+        follow("batch_repeat_interleave", repeat)
+        follow("crop", lose)
 
     def layout_for(self, x: torch.Tensor) -> Optional[TokenLayout]:
         """The layout of a layer input, or None when it is not laid out like the model's tokens."""

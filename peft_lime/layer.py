@@ -123,8 +123,6 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         self.lime_stats: dict[str, RoutingStats] = {}
         self.layer_name = layer_name
         self._context = context
-        # Last n-1 routing logits per adapter, so cached decoding routes like a full forward.
-        self._decode_tail: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delta_fn = find_delta_fn(base_layer)
         self._active_adapter = adapter_name
         self.merged_adapters = []
@@ -159,7 +157,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         self.lime_experts[adapter_name] = experts.to(device) if device is not None else experts
         self.lime_routing[adapter_name] = LimeRoutingSettings.from_config(config)
         self.lime_stats[adapter_name] = RoutingStats(config.num_experts)
-        self._decode_tail.pop(adapter_name, None)
+        self._context.decode_tails.pop((id(self), adapter_name), None)
         self.set_adapter(self.active_adapters)
 
     # --- merging is refused -------------------------------------------------------------------------------------
@@ -232,12 +230,13 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             return routing.block_window_logits(seq, s.n_gram, positions).reshape(shape)
         past_logits = past_valid = None
         if layout is not None and layout.continuing:
-            tail = self._decode_tail.get(adapter)
+            tail = self._context.decode_tails.get((id(self), adapter))
             if tail is None or tail[0].shape[0] != seq.shape[0]:
+                why = self._context.decode_tails_lost or "the cache was built elsewhere or changed outside generate"
                 raise RuntimeError(
-                    f"n_gram={s.n_gram}: this decoding step continues a sequence whose earlier routing window is "
-                    "unknown (the cache was reordered, cropped or built elsewhere). Beam search and assisted "
-                    "decoding are not supported with n_gram > 1; use greedy or sampling."
+                    f"n_gram={s.n_gram}: this decoding step continues sequences whose earlier routing windows are "
+                    f"unknown ({why}). Assisted / speculative decoding is not supported with n_gram > 1; greedy, "
+                    "sampling and beam search are."
                 )
             past_logits, past_valid = tail
         segments = layout.segments if layout is not None else None
@@ -256,7 +255,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             seq = torch.cat([past_logits.to(seq.dtype), seq], dim=1)
             valid = torch.cat([past_valid, valid], dim=1)
         keep = n_gram - 1
-        self._decode_tail[adapter] = (seq[:, -keep:].detach(), valid[:, -keep:])
+        self._context.decode_tails[(id(self), adapter)] = (seq[:, -keep:].detach(), valid[:, -keep:])
 
     def _balance_and_record(
         self, adapter: str, probs: torch.Tensor, selected: torch.Tensor, layout: Optional[TokenLayout]

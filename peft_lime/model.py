@@ -146,19 +146,6 @@ class LimeModel(BaseTuner):
             self.__dict__["_hook_handle"] = None
         return model
 
-    # --- generation ---------------------------------------------------------------------------------------------
-    def generate(self, *args: Any, **kwargs: Any):
-        """``model.generate`` with a guard: beam search reorders the cache, which n-gram routing state cannot follow."""
-        if any(conf.n_gram > 1 and conf.ngram_mode == "causal" for conf in self.peft_config.values()):
-            gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-            num_beams = kwargs.get("num_beams", getattr(gen_config, "num_beams", 1)) or 1
-            if num_beams > 1 or kwargs.get("assistant_model") is not None:
-                raise ValueError(
-                    "num_beams: LiME with n_gram > 1 keeps per-sequence routing windows that beam search and assisted "
-                    "decoding would reorder or crop; use greedy decoding or sampling, or n_gram=1"
-                )
-        return self.model.generate(*args, **kwargs)
-
     # --- state dict hooks: the base tuner's key conventions ---------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
