@@ -189,15 +189,18 @@ def lime_stage_labels() -> Iterator[None]:
         (routing_mod, "apply_jitter", "lime:jitter"),
         (routing_mod, "select_experts", "lime:select_experts"),
         (routing_mod, "causal_window_mean", "lime:causal_window_mean"),
-        (layer_mod.LimeLayer, "_balance_and_record", "lime:balance_and_record"),
+        (layer_mod.LimeLayer, "_balance", "lime:balance_terms"),
         (telemetry_mod.RoutingStats, "record", "lime:stats_record"),
+        (telemetry_mod.RoutingStats, "_fold", "lime:stats_fold"),
         (layer_mod.LimeExperts, "forward", "lime:experts_mix"),
         (layer_mod, "inject_aux_loss", "lime:inject_aux_loss"),
         (layer_mod.LimeLayer, "forward", "lime:layer_forward"),
     ]
     saved = []
     for owner, attr, label in patches:
-        original = getattr(owner, attr)
+        original = getattr(owner, attr, None)
+        if original is None:  # a stage renamed or removed in peft_lime: profile without its label
+            continue
         saved.append((owner, attr, original))
 
         def wrapped(*args: Any, __original: Any = original, __label: str = label, **kwargs: Any) -> Any:

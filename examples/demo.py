@@ -207,13 +207,9 @@ def train(vlm: MiniVLM, enc: PromptEncoder, data: MiniMMT, args: argparse.Namesp
     """Fine-tune adapter + projector with transformers' Trainer; returns the log history and timing."""
     from transformers import Trainer, TrainingArguments
 
-    callbacks = []
-    try:
-        from trainer_callbacks import LimeRoutingCallback
+    from trainer_callbacks import LimeRoutingCallback
 
-        callbacks.append(LimeRoutingCallback())
-    except ImportError:
-        logger.info("trainer_callbacks.LimeRoutingCallback not available: routing PNGs come from the demo itself")
+    callbacks = [LimeRoutingCallback(task_names={t.task_id: t.name for t in data.tasks})]
     adapter_params = [p for n, p in vlm.lm.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [

@@ -35,6 +35,8 @@ class RoutingContext:
     new_tokens: int = -1
     layout: Optional[TokenLayout] = None
     task_ids: Optional[torch.Tensor] = None
+    # Task ids read off the PeftModel's call (see enable_task_ids), consumed by the next call of the wrapped model.
+    pending_task_ids: Optional[torch.Tensor] = None
     # 1 / gradient-accumulation steps, so the injected aux gradient is scaled like the LM loss.
     aux_loss_scale: float = 1.0
     # Number of LiME layers per adapter: the aux loss is a mean over layers.
@@ -79,8 +81,6 @@ class RoutingContext:
             positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
         self.batch_size, self.new_tokens = B, T
         self.layout = TokenLayout(valid=valid, segments=segments, positions=positions, continuing=continuing)
-        if "task_ids" in kwargs and torch.is_tensor(kwargs["task_ids"]):
-            self.task_ids = kwargs["task_ids"]
 
     def follow_cache(self, cache: Any) -> None:
         """Make the kept routing windows follow what ``generate`` does to the KV cache object.

@@ -107,3 +107,26 @@ def lycoris_delta(layer: LycorisLayer, x: torch.Tensor, adapter: str, h: torch.T
     if layer.training and module_dropout and torch.rand(1) <= module_dropout:
         return None
     return layer._get_delta_activations(adapter, x)
+
+
+def lora_factors(
+    layer: nn.Module, adapter: str, x: torch.Tensor
+) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Plain LoRA as factors (a, B, scaling) with delta = scaling * B a and a = A dropout(x); None when not plain.
+
+    Lets LiME save only the (N, r) hidden state a for backward instead of the (N, d) delta (see modulation.py). Only
+    for an up-projection that is an ordinary, unwrapped ``nn.Linear`` without bias whose weight is a plain parameter:
+    FSDP-wrapped leaves (another class), DeepSpeed ZeRO-3 partitioned weights (``ds_id``), LoRA variants and lora_bias
+    keep the generic path, which only calls the modules. Autocast keeps it too (the fused backward casts explicitly).
+    """
+    if not isinstance(layer, LoraLayer) or adapter in layer.lora_variant or torch.is_autocast_enabled(x.device.type):
+        return None
+    lora_B = layer.lora_B[adapter]
+    if type(lora_B) is not nn.Linear or lora_B.bias is not None:
+        return None
+    weight = lora_B.weight
+    if type(weight) is not nn.Parameter or hasattr(weight, "ds_id"):
+        return None
+    lora_A = layer.lora_A[adapter]
+    x = layer._cast_input_dtype(x, lora_A.weight.dtype)
+    return lora_A(layer.lora_dropout[adapter](x)), weight, layer.scaling[adapter]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
@@ -19,7 +20,8 @@ from torch import nn
 from . import routing
 from .aux_loss import inject_aux_loss
 from .context import RoutingContext, TokenLayout
-from .deltas import check_lora_variants, find_delta_fn
+from .deltas import check_lora_variants, find_delta_fn, lora_delta, lora_factors
+from .modulation import modulate
 from .telemetry import RoutingStats
 
 MERGE_ERROR = (
@@ -91,13 +93,43 @@ class LimeExperts(nn.Module):
                 self.shared.normal_(0.0, self.init_std, generator=generator)
                 self.gate.zero_()
 
-    def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        """mix: (N, E) weights summing to 1 per row -> modulation (N, d) = 1 + mix @ (P - 1) + g * p_s."""
+    def _offset(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """1 + g * p_s, shape (d,): one addcmul when the experts' dtype is the compute dtype (decoding pays per op)."""
+        if self.shared is None:
+            return torch.ones((), dtype=dtype, device=device).expand(self.weight.shape[1])
+        if self.shared.dtype == dtype:
+            return torch.addcmul(_one(dtype, device), self.gate, self.shared)
+        return (self.gate * self.shared).to(dtype) + 1.0
+
+    def forward(
+        self,
+        mix: torch.Tensor,
+        out: Optional[torch.Tensor] = None,
+        delta: Optional[torch.Tensor] = None,
+        lora: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+    ) -> torch.Tensor:
+        """mix: (N, E) weights summing to 1 per row -> modulation (N, d) = 1 + mix @ (P - 1) + g * p_s.
+
+        With ``out`` (and ``delta``, or the LoRA factors ``lora`` = (a, B, scaling) of delta) returns the modulated
+        update out + delta * modulation instead, as one memory-lean autograd node (see modulation.py).
+        """
         dtype = mix.dtype
-        offset = torch.ones((), dtype=dtype, device=mix.device)
-        if self.shared is not None:
-            offset = offset + (self.gate * self.shared).to(dtype)
-        return torch.addmm(offset.expand(self.weight.shape[1]), mix, self.weight.to(dtype))
+        offset = self._offset(dtype, mix.device)
+        weight = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+        if out is None:
+            return torch.addmm(offset, mix, weight)
+        return modulate(out, mix, weight, offset, delta=delta, lora=lora)
+
+
+_ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _one(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant 0-d 1.0 per dtype and device (never written to)."""
+    key = (dtype, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), dtype=dtype, device=device)
+    return _ONES[key]
 
 
 def expert_seed(layer_name: str, adapter_name: str) -> int:
@@ -171,36 +203,60 @@ class LimeLayer(nn.Module, BaseTunerLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("adapter_names: LiME does not support mixed-adapter batches; use set_adapter")
-        frozen = self.get_base_layer()
-        h = frozen(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.lime_experts]
-        if self.disable_adapters or not active:
+        h = self.base_layer.get_base_layer()(x, *args, **kwargs)
+        if self.disable_adapters:
             return h
         layout = self._context.layout_for(x)
         out = h
-        for adapter in active:
-            delta = self._delta_fn(self.base_layer, x, adapter, h)
-            if delta is None:
-                continue
-            delta = delta.to(h.dtype)
-            modulation = self._route_and_modulate(adapter, h, delta, layout)
-            out = torch.addcmul(out, delta, modulation)
-            out = self._attach_aux_loss(adapter, out)
+        for adapter in self.active_adapters:
+            if adapter in self.lime_experts:
+                out = self._adapter_forward(adapter, x, h, out, layout)
         return out
 
-    def _route_and_modulate(
-        self, adapter: str, h: torch.Tensor, delta: torch.Tensor, layout: Optional[TokenLayout]
+    def _adapter_forward(
+        self, adapter: str, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor, layout: Optional[TokenLayout]
     ) -> torch.Tensor:
+        E = self.lime_routing[adapter].num_experts
+        # Training with plain LoRA: keep the (N, r) LoRA state instead of the (N, d) delta for backward; the routed
+        # slice of delta is recomputed from it (E of d columns of B, a tiny matmul).
+        lora = None
+        if torch.is_grad_enabled() and self._delta_fn is lora_delta:
+            lora = lora_factors(self.base_layer, adapter, x)
+        if lora is not None:
+            a, B, scaling = lora
+            delta = None
+            delta_slice = (F.linear(a, B[:E]) * scaling).to(h.dtype)
+        else:
+            delta = self._delta_fn(self.base_layer, x, adapter, h)
+            if delta is None:
+                return out
+            if delta.dtype != h.dtype:
+                delta = delta.to(h.dtype)
+            delta_slice = delta[..., :E]
+        weights = self._route(adapter, h[..., :E], delta_slice, layout)
+        if weights.dtype != h.dtype:
+            weights = weights.to(h.dtype)
+        out = self.lime_experts[adapter](weights, out, delta, lora)
+        return self._attach_aux_loss(adapter, out)
+
+    def _route(
+        self, adapter: str, h_slice: torch.Tensor, delta_slice: torch.Tensor, layout: Optional[TokenLayout]
+    ) -> torch.Tensor:
+        """Mixing weights (N, E) of the tokens, from the routed slices; records statistics and the aux term."""
         s = self.lime_routing[adapter]
         E = s.num_experts
         logits = routing.routing_logits(
-            h[..., :E], delta[..., :E], gamma=s.routing_gamma, temperature=s.temperature, norm=s.routing_norm
+            h_slice, delta_slice, gamma=s.routing_gamma, temperature=s.temperature, norm=s.routing_norm
         )
         if self.training:
             logits = routing.apply_jitter(logits, s.jitter_noise)
         if s.n_gram > 1:
             logits = self._window(adapter, logits, layout, s)
-        probs = torch.softmax(logits, dim=-1).reshape(-1, E)
+        logits = logits.reshape(-1, E)
+        probs = torch.softmax(logits, dim=-1)
+        stats = self.lime_stats[adapter]
+        # Gradient checkpointing re-runs forward inside backward: record statistics only once.
+        record = stats.enabled and torch._C._current_graph_task_id() == -1
         selection = routing.select_experts(
             probs,
             top_k=s.top_k,
@@ -209,10 +265,15 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             max_active=s.max_active_experts,
             mode=s.selection,
             selection_temperature=s.selection_temperature,
+            need_selected=record,
+            logits=logits,
         )
-        self._balance_and_record(adapter, probs, selection.selected, layout)
-        modulation = self.lime_experts[adapter](selection.weights.to(delta.dtype))
-        return modulation.reshape(delta.shape)
+        valid = layout.valid.reshape(-1) if (layout is not None and layout.valid is not None) else None
+        if self.training:
+            self._balance(adapter, probs, valid, s)
+        if record:
+            stats.record(probs, selection.selected, valid, token_tasks=self._token_tasks(layout, probs.shape[0]))
+        return selection.weights
 
     def _window(
         self, adapter: str, logits: torch.Tensor, layout: Optional[TokenLayout], s: LimeRoutingSettings
@@ -257,28 +318,24 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         keep = n_gram - 1
         self._context.decode_tails[(id(self), adapter)] = (seq[:, -keep:].detach(), valid[:, -keep:])
 
-    def _balance_and_record(
-        self, adapter: str, probs: torch.Tensor, selected: torch.Tensor, layout: Optional[TokenLayout]
+    def _balance(
+        self, adapter: str, probs: torch.Tensor, valid: Optional[torch.Tensor], s: LimeRoutingSettings
     ) -> None:
-        """Balance terms over valid tokens: the aux term for the gradient (training) and statistics (always)."""
-        s = self.lime_routing[adapter]
-        valid = layout.valid.reshape(-1) if (layout is not None and layout.valid is not None) else None
+        """Training: the balance terms over valid tokens, as the aux term for the gradient and for get_aux_loss.
+
+        Outside training nothing is computed here: the statistics recompute the per-call terms from the recorded
+        probabilities when they are read (telemetry.RoutingStats), which keeps inference and decoding lean.
+        """
         importance, kl, _ = routing.balance_terms(probs, valid)
-        stats = self.lime_stats[adapter]
-        want_aux = self.training and torch.is_grad_enabled() and (s.importance_loss_coef or s.kl_loss_coef)
-        if want_aux:
-            n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
-            self._pending_aux = (s.importance_loss_coef * importance + s.kl_loss_coef * kl) / n_layers
-        # Gradient checkpointing re-runs forward inside backward: record statistics only once.
+        n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
+        aux = s.importance_loss_coef * importance + s.kl_loss_coef * kl
+        if torch.is_grad_enabled() and (s.importance_loss_coef or s.kl_loss_coef):
+            self._pending_aux = aux / n_layers
         if torch._C._current_graph_task_id() != -1:
             return
+        stats = self.lime_stats[adapter]
         stats.last_importance, stats.last_kl = importance.detach(), kl.detach()
-        stats.last_aux = (
-            (s.importance_loss_coef * importance + s.kl_loss_coef * kl).detach()
-            / max(self._context.layers_per_adapter.get(adapter, 1), 1)
-        )
-        token_tasks = self._token_tasks(layout, probs.shape[0])
-        stats.record(probs, selected, valid, importance, kl, token_tasks)
+        stats.last_aux = aux.detach() / n_layers
 
     def _token_tasks(self, layout: Optional[TokenLayout], n_tokens: int) -> Optional[torch.Tensor]:
         task_ids = self._context.task_ids

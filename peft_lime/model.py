@@ -54,10 +54,12 @@ class LimeModel(BaseTuner):
 
     def _capture_routing_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
+        context = self.routing_context
         task_ids = kwargs.pop("task_ids", None)  # routing telemetry only: never reaches the base model
-        self.routing_context.update_from_call(args, kwargs)
-        if task_ids is not None:
-            self.routing_context.task_ids = task_ids
+        context.update_from_call(args, kwargs)
+        # Task ids belong to this call only: a later call without them must not inherit them.
+        pending, context.pending_task_ids = context.pending_task_ids, None
+        context.task_ids = task_ids if torch.is_tensor(task_ids) else pending
         return args, kwargs
 
     def _inner_tuner(self, config: LimeConfig, adapter_name: str) -> BaseTuner:
@@ -193,12 +195,17 @@ def enable_task_ids(peft_model: nn.Module) -> torch.utils.hooks.RemovableHandle:
     """Let ``task_ids`` passed to the PeftModel's forward reach LiME's per-task routing telemetry.
 
     PeftModel.forward consumes a ``task_ids`` argument itself (for prompt-learning methods) and does not pass it on;
-    this pre-hook on the PeftModel reads it first. Returns the hook handle.
+    this pre-hook on the PeftModel reads it first. Idempotent: a second call returns the first call's handle.
     """
+    existing = peft_model.__dict__.get("_lime_task_ids_hook")
+    if existing is not None and existing.id in peft_model._forward_pre_hooks:
+        return existing
     context = find_lime_model(peft_model).routing_context
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
         task_ids = kwargs.get("task_ids")
-        context.task_ids = task_ids if torch.is_tensor(task_ids) else None
+        context.pending_task_ids = task_ids if torch.is_tensor(task_ids) else None
 
-    return peft_model.register_forward_pre_hook(capture, with_kwargs=True)
+    handle = peft_model.register_forward_pre_hook(capture, with_kwargs=True)
+    peft_model.__dict__["_lime_task_ids_hook"] = handle
+    return handle

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # Floor of the adapter-term normaliser, relative to the frozen term's scale. LoRA starts with B = 0, so the adapter
 # output is exactly zero at step 0: a normaliser with a tiny epsilon would scale the router's gradient by 1/epsilon
@@ -35,18 +36,57 @@ def routing_logits(
     reference code does; it is batch-dependent and exists only to reproduce published numbers.
     Scales carry no gradient: they only set the per-token temperature of the router.
     """
+    if norm == "token":
+        return _token_logits(frozen_slice, delta_slice, gamma, temperature)
+    if norm != "batch":  # validated in LimeConfig; kept for direct callers of this function
+        raise ValueError(f"routing_norm must be 'token' or 'batch', got {norm!r}")
     h = frozen_slice.float()
     d = delta_slice.float()
-    if norm == "token":
-        scale_h = h.pow(2).mean(-1, keepdim=True).add(_EPS).sqrt().detach()
-        floor = (ADAPTER_SCALE_FLOOR * scale_h).pow(2)
-        scale_d = d.pow(2).mean(-1, keepdim=True).add(floor).sqrt().detach()
-    elif norm == "batch":
-        scale_h = h.abs().amax().add(_EPS).detach()
-        scale_d = d.abs().amax().add(_EPS).detach()
-    else:  # validated in LimeConfig; kept for direct callers of this function
-        raise ValueError(f"routing_norm must be 'token' or 'batch', got {norm!r}")
+    scale_h = h.abs().amax().add(_EPS).detach()
+    scale_d = d.abs().amax().add(_EPS).detach()
     return ((1.0 - gamma) * h / scale_h + gamma * d / scale_d) / temperature
+
+
+# (gamma, temperature, E, device) -> (weight, bias) of the F.linear in _token_logits; a handful per process.
+_SCALE_MAPS: dict[tuple[float, float, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scale_map(gamma: float, temperature: float, E: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (gamma, temperature, E, device)
+    if key not in _SCALE_MAPS:
+        c_h, c_d = (1.0 - gamma) / temperature, gamma / temperature
+        floor2 = ADAPTER_SCALE_FLOOR**2
+        # From the sums of squares (S_h, S_d) of the two slices to their squared scales over their squared
+        # coefficients: v_h = (S_h / E + eps) / c_h^2, v_d = (S_d / E + floor^2 (S_h / E + eps)) / c_d^2.
+        weight = torch.tensor([[1.0 / (E * c_h**2), 0.0], [floor2 / (E * c_d**2), 1.0 / (E * c_d**2)]])
+        bias = torch.tensor([_EPS / c_h**2, floor2 * _EPS / c_d**2])
+        _SCALE_MAPS[key] = (weight.to(device), bias.to(device))
+    return _SCALE_MAPS[key]
+
+
+def _token_logits(h: torch.Tensor, d: torch.Tensor, gamma: float, temperature: float) -> torch.Tensor:
+    """Token-norm logits c_h h / sqrt(m_h + eps) + c_d d / sqrt(m_d + floor^2 (m_h + eps)), m = mean square.
+
+    Written as few ops as possible (decoding runs this once per layer and token, where each op costs its dispatch):
+    both slices go through one (..., 2, E) tensor, both scales come from one sum of squares, one linear map and one
+    rsqrt, and the weighted sum is one matmul. The stack also copies the slices, so autograd never keeps a view of
+    the layer's full (N, d) output alive.
+    """
+    c_h, c_d = (1.0 - gamma) / temperature, gamma / temperature
+    if c_h == 0.0 or c_d == 0.0:  # one term only: the folded form would divide by zero
+        h, d = h.float(), d.float()
+        with torch.no_grad():
+            m_h = h.square().mean(-1, keepdim=True).add_(_EPS)
+            inv_h = m_h.rsqrt().mul_(c_h)
+            inv_d = d.square().mean(-1, keepdim=True).add_(m_h, alpha=ADAPTER_SCALE_FLOOR**2).rsqrt_().mul_(c_d)
+        return h * inv_h + d * inv_d
+    hd = torch.stack((h, d), dim=-2)  # (..., 2, E)
+    if hd.dtype != torch.float32:
+        hd = hd.float()
+    weight, bias = _scale_map(gamma, temperature, hd.shape[-1], hd.device)
+    with torch.no_grad():
+        inv = F.linear(torch.linalg.vecdot(hd, hd), weight, bias).rsqrt_()  # (..., 2): c / scale of each term
+    return torch.matmul(inv.unsqueeze(-2), hd).squeeze(-2)
 
 
 def apply_jitter(logits: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,10 +178,11 @@ def block_window_logits(logits: torch.Tensor, n_gram: int, positions: torch.Tens
 
 @dataclass
 class Selection:
-    """Mixing weights per token (rows sum to 1) and the hard mask of selected experts (for telemetry)."""
+    """Mixing weights per token (rows sum to 1) and the hard mask of selected experts (for telemetry; None when
+    the caller said it does not need it)."""
 
     weights: torch.Tensor
-    selected: torch.Tensor
+    selected: torch.Tensor | None
 
 
 def select_experts(
@@ -153,32 +194,48 @@ def select_experts(
     max_active: int | None,
     mode: str,
     selection_temperature: float,
+    need_selected: bool = True,
+    logits: torch.Tensor | None = None,
 ) -> Selection:
     """Turn routing probabilities (N, E) into mixing weights.
 
     Fixed top-k keeps the k largest; Auto Top-K keeps every expert with p >= threshold * max p (at most
     max_active). "hard" renormalises the kept probabilities; "soft" replaces the mask by
     sigmoid((p - cut) / selection_temperature) so every expert receives gradient.
+    ``need_selected=False`` lets soft selection skip building the mask (``selected`` is then None) when nobody
+    reads it (statistics paused). ``logits`` (those probs came from, same shape) let soft selection fold the
+    renormalisation into one softmax: p * g / sum(p * g) = softmax(logits + log g).
     """
     E = probs.shape[-1]
     k = min(max_active, E) if (auto_topk and max_active is not None) else (top_k if not auto_topk else E)
-    if auto_topk:
-        cut = threshold * probs.amax(-1, keepdim=True)
-        if k < E:
-            cut = torch.maximum(cut, torch.topk(probs, k, dim=-1).values[..., -1:])
+    top_idx = None
+    if auto_topk and k == E:
+        # x = p - threshold * max p in one op (the common path: Auto Top-K without a cap needs no topk).
+        x = torch.sub(probs, probs.amax(-1, keepdim=True), alpha=threshold)
     else:
-        cut = torch.topk(probs, k, dim=-1).values[..., -1:]
-    selected = probs >= cut
-    if k < E:
-        # Ties at the cut could select more than k experts; rank-based cap keeps the count exact.
-        rank = probs.argsort(-1, descending=True).argsort(-1)
-        selected = selected & (rank < k)
+        top = torch.topk(probs, k, dim=-1)
+        top_idx, cut = top.indices, top.values[..., -1:]
+        if auto_topk:
+            cut = torch.maximum(probs.amax(-1, keepdim=True) * threshold, cut)
+        x = probs - cut
+    selected = None
+    if mode == "hard" or need_selected:
+        selected = x >= 0
+        if top_idx is not None and k < E:
+            # Ties at the cut could select more than k experts: keeping only the top-k indices makes the count exact
+            # (the k indices topk returned are exactly the k highest ranks, so no second sort is needed).
+            selected = selected & torch.zeros_like(selected).scatter_(-1, top_idx, True)
+    if mode != "hard" and logits is not None:
+        return Selection(
+            weights=torch.softmax(logits + F.logsigmoid(x * (1.0 / selection_temperature)), -1), selected=selected
+        )
     if mode == "hard":
-        gate = selected.to(probs.dtype)
+        weights = probs * selected
     else:
-        gate = torch.sigmoid((probs - cut) / selection_temperature)
-    weights = probs * gate
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        weights = probs * torch.sigmoid(x * (1.0 / selection_temperature))
+    # The kept weights always include the largest probability (>= 1/E, with gate >= 1/2 in soft mode), so the sum
+    # is bounded away from 0 and needs no clamp.
+    weights = weights / weights.sum(-1, keepdim=True)
     return Selection(weights=weights, selected=selected)
 
 
@@ -191,12 +248,12 @@ def balance_terms(probs: torch.Tensor, valid: torch.Tensor | None) -> tuple[torc
     """
     E = probs.shape[-1]
     if valid is not None:
-        w = valid.to(probs.dtype).unsqueeze(-1)
-        pbar = (probs * w).sum(0) / w.sum().clamp_min(1.0)
+        w = valid.to(probs.dtype)
+        pbar = (w @ probs) / w.sum().clamp_min(1.0)
     else:
         pbar = probs.mean(0)
-    importance = E * pbar.pow(2).sum() - 1.0
-    kl = (pbar * torch.log(pbar.clamp_min(1e-12) * E)).sum()
+    importance = torch.dot(pbar, pbar) * E - 1.0
+    kl = torch.dot(pbar, torch.log(pbar.clamp_min(1e-12) * E))
     return importance, kl, pbar
 
 

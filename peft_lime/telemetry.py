@@ -17,6 +17,11 @@ from .routing import normalized_entropy
 
 # Capacity of the per-task usage table (task ids are small integers put in batches by the collator).
 MAX_TASKS = 256
+# Recording only keeps references to the call's (N, E) tensors and folds them into the sums in batches: about twenty
+# small ops per fold instead of per layer call, which dominated cached decoding (one token per call). Bounds on what
+# waits: tokens (memory: N x E floats each) and calls.
+MAX_PENDING_TOKENS = 2048
+MAX_PENDING_CALLS = 256
 
 
 class RoutingStats:
@@ -25,12 +30,18 @@ class RoutingStats:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
         self._sums: Optional[dict[str, torch.Tensor]] = None
+        # A training callback pauses recording between optimizer steps, so evaluation forwards made during training
+        # do not mix into the training statistics (see ``set_routing_stats_enabled``).
+        self.enabled = True
         self.last_aux: Optional[torch.Tensor] = None
         self.last_importance: Optional[torch.Tensor] = None
         self.last_kl: Optional[torch.Tensor] = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
+        self._pending_tokens = 0
 
     def reset(self) -> None:
         self._sums = None
+        self._pending, self._pending_tokens = [], 0
 
     def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._sums is None:
@@ -47,6 +58,8 @@ class RoutingStats:
                 "kl": z(()),
                 "task_probs": z(MAX_TASKS, E),
                 "task_tokens": z(MAX_TASKS),
+                # Tokens by number of selected experts (0..E): the Auto Top-K histogram.
+                "active_hist": z(E + 1),
             }
         return self._sums
 
@@ -56,29 +69,73 @@ class RoutingStats:
         probs: torch.Tensor,
         selected: torch.Tensor,
         valid: Optional[torch.Tensor],
-        importance: torch.Tensor,
-        kl: torch.Tensor,
+        importance: Optional[torch.Tensor] = None,
+        kl: Optional[torch.Tensor] = None,
         token_tasks: Optional[torch.Tensor] = None,
     ) -> None:
-        """probs / selected: (N, E); valid: (N,) bool or None; token_tasks: (N,) task id per token or None."""
-        s = self._buffers(probs.device)
-        probs = probs.detach().float()
-        w = torch.ones(probs.shape[0], device=probs.device) if valid is None else valid.float()
+        """probs / selected: (N, E); valid: (N,) bool or None; token_tasks: (N,) task id per token or None.
+
+        importance / kl are accepted for compatibility and not used: the per-call balance terms are recomputed from
+        probs and valid when folding (the definition of ``routing.balance_terms``), so callers need not compute them
+        outside training.
+        """
+        if not self.enabled:
+            return
+        self._pending.append((probs.detach() if probs.requires_grad else probs, selected, valid, token_tasks))
+        self._pending_tokens += probs.shape[0]
+        if self._pending_tokens >= MAX_PENDING_TOKENS or len(self._pending) >= MAX_PENDING_CALLS:
+            self._fold()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Add the pending calls to the sums: one batch of ops for all of them, no host-device sync."""
+        entries, self._pending, self._pending_tokens = self._pending, [], 0
+        if not entries:
+            return
+        E, K = self.num_experts, len(entries)
+        probs = torch.cat([e[0].reshape(-1, E) for e in entries]).float()
+        device, counts = probs.device, [e[0].numel() // E for e in entries]
+        s = self._buffers(device)
+        selected = torch.cat([e[1].reshape(-1, E) for e in entries])
+        if all(e[2] is None for e in entries):
+            w = torch.ones(probs.shape[0], device=device)
+        else:
+            w = torch.cat(
+                [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]
+            )
+        # Call index of every token, for the per-call balance terms.
+        if len(set(counts)) == 1:
+            call = torch.arange(K, device=device).repeat_interleave(counts[0])
+        else:
+            call = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
+        pw = probs * w[:, None]
+        per_call = torch.zeros(K, E + 1, device=device).index_add_(0, call, torch.cat([pw, w[:, None]], 1))
+        pbar = per_call[:, :E] / per_call[:, E:].clamp_min(1.0)
+        s["importance"] += (E * pbar.square().sum(-1) - 1.0).sum()
+        s["kl"] += (pbar * torch.log(pbar.clamp_min(1e-12) * E)).sum()
         s["tokens"] += w.sum()
-        s["calls"] += 1
-        s["entropy"] += (normalized_entropy(probs) * w).sum()
-        s["active"] += (selected.float().sum(-1) * w).sum()
-        s["probs"] += (probs * w[:, None]).sum(0)
-        s["load"] += (selected.float() * w[:, None]).sum(0)
-        s["importance"] += importance.detach().float()
-        s["kl"] += kl.detach().float()
-        if token_tasks is not None:
-            tasks = token_tasks.clamp(0, MAX_TASKS - 1)
-            s["task_probs"].index_add_(0, tasks, probs * w[:, None])
-            s["task_tokens"].index_add_(0, tasks, w)
+        s["calls"] += K
+        s["entropy"] += normalized_entropy(probs) @ w
+        n_active = selected.sum(-1)
+        s["active"] += n_active.float() @ w
+        s["active_hist"].index_add_(0, n_active.reshape(-1).long(), w)
+        s["probs"] += pw.sum(0)
+        s["load"] += w @ selected.float()
+        if any(e[3] is not None for e in entries):
+            tasks = torch.cat(
+                [
+                    e[3].reshape(-1) if e[3] is not None else torch.full((n,), -1, device=device)
+                    for e, n in zip(entries, counts)
+                ]
+            ).to(device=device, dtype=torch.long)
+            wt = w * (tasks >= 0)
+            tasks = tasks.clamp(0, MAX_TASKS - 1)
+            s["task_probs"].index_add_(0, tasks, probs * wt[:, None])
+            s["task_tokens"].index_add_(0, tasks, wt)
 
     def summary(self) -> Optional[dict[str, Any]]:
         """Python numbers (one device sync); None when nothing was recorded."""
+        self._fold()
         if self._sums is None:
             return None
         s = {k: v.cpu() for k, v in self._sums.items()}
@@ -100,6 +157,7 @@ class RoutingStats:
                 int(t): (s["task_probs"][t] / s["task_tokens"][t]).tolist() for t in torch.nonzero(seen).flatten()
             },
             "task_tokens": {int(t): float(s["task_tokens"][t]) for t in torch.nonzero(seen).flatten()},
+            "active_histogram": s["active_hist"].tolist(),
         }
         return out
 
@@ -116,8 +174,10 @@ def get_routing_stats(model: nn.Module, adapter_name: Optional[str] = None, rese
     """Routing statistics since the last reset: ``{"layers": {name: {...}}, "aggregate": {...}}``.
 
     Per layer: routing_entropy (normalised by log E), active_experts, mean_probs, load (usage share per expert),
-    load_imbalance (max / mean usage), importance_loss, kl_loss, task_usage. The aggregate averages the layers
-    and adds aux_loss = importance_loss_coef * importance + kl_loss_coef * kl as configured.
+    load_imbalance (max / mean usage), importance_loss, kl_loss, task_usage, task_tokens and active_histogram
+    (valid tokens by number of selected experts, index 0..E). The aggregate averages the layers
+    and adds aux_loss = importance_loss_coef * importance + kl_loss_coef * kl as configured, the task usage, the
+    task-expert mutual information (nats) and the active-experts histogram summed over layers.
     """
     layers: dict[str, Any] = {}
     coefs = None
@@ -152,6 +212,12 @@ def aggregate_layer_stats(layers: dict[str, Any], coefs: Optional[tuple[float, f
             acc = tasks.setdefault(t, [0.0] * len(usage))
             tasks[t] = [a + u / len(values) for a, u in zip(acc, usage)]
     out["task_usage"] = tasks
+    # Summed over layers: counts (layer, token) pairs by number of selected experts.
+    hist: list[float] = []
+    for v in values:
+        h = v.get("active_histogram", [])
+        hist = [a + b for a, b in zip(hist + [0.0] * (len(h) - len(hist)), h + [0.0] * (len(hist) - len(h)))]
+    out["active_histogram"] = hist
     out["task_expert_mutual_information"] = task_expert_mutual_information(values)
     return out
 
@@ -174,6 +240,13 @@ def task_expert_mutual_information(layer_summaries: list[dict[str, Any]]) -> flo
                     mi += pj * math.log(pj / (p_task * p_expert[i]))
         mis.append(mi)
     return sum(mis) / len(mis) if mis else 0.0
+
+
+def set_routing_stats_enabled(model: nn.Module, enabled: bool) -> None:
+    """Pause (False) or resume (True) the recording of routing statistics in every LiME layer of ``model``."""
+    for _, layer in _lime_layers(model):
+        for stats in layer.lime_stats.values():
+            stats.enabled = bool(enabled)
 
 
 def reset_routing_stats(model: nn.Module) -> None:

@@ -63,9 +63,12 @@ def test_batch_norm_mode_is_batch_dependent_token_mode_is_not(n_gram):
     outs = {}
     for norm in ("token", "batch"):
         model = _model(n_gram, routing_norm=norm)
-        with model.base_model.model.model.embed_tokens.register_forward_hook(
-            lambda m, a, out: out * torch.tensor([1.0, 25.0]).view(2, 1, 1) if out.shape[0] == 2 else out
-        ), torch.no_grad():
+        with (
+            model.base_model.model.model.embed_tokens.register_forward_hook(
+                lambda m, a, out: out * torch.tensor([1.0, 25.0]).view(2, 1, 1) if out.shape[0] == 2 else out
+            ),
+            torch.no_grad(),
+        ):
             alone = model(input_ids=short[None]).logits[0]
             batched = model(input_ids=torch.stack([short, loud])).logits[0]
         outs[norm] = (alone - batched).abs().max().item()

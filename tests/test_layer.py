@@ -134,3 +134,20 @@ def test_gpt2_conv1d_and_qwen2_are_wrapped():
         out = model(input_ids=x, labels=x)
         out.loss.backward()
         assert torch.isfinite(out.loss)
+
+
+def test_task_ids_belong_to_their_own_call_only():
+    """Per-task telemetry: a call without task_ids must not inherit the previous call's ids."""
+    model = get_peft_model(tiny_llama(), lime())
+    handle = peft_lime.enable_task_ids(model)
+    assert peft_lime.enable_task_ids(model) is handle  # idempotent: no second hook
+    x = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        model(input_ids=x, task_ids=torch.tensor([5, 5]))
+        assert set(peft_lime.get_routing_stats(model, reset=True)["aggregate"]["task_usage"]) == {5}
+        model(input_ids=x)
+        assert peft_lime.get_routing_stats(model, reset=True)["aggregate"]["task_usage"] == {}
+        model.base_model.model(input_ids=x, task_ids=torch.tensor([3, 4]))  # the base model's own call also works
+        assert set(peft_lime.get_routing_stats(model, reset=True)["aggregate"]["task_usage"]) == {3, 4}
+        model.base_model.model(input_ids=x)
+        assert peft_lime.get_routing_stats(model, reset=True)["aggregate"]["task_usage"] == {}

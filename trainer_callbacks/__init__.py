@@ -1,1 +1,5 @@
-"""Trainer callbacks for LiME routing telemetry."""
+"""Trainer callbacks for LiME routing telemetry (transformers' Trainer and TRL's trainers)."""
+
+from .lime_routing import LimeRoutingCallback
+
+__all__ = ["LimeRoutingCallback"]

