@@ -275,7 +275,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--test_cap", type=int, default=20)
     p.add_argument("--data_seed", type=int, default=0)
     p.add_argument("--max_prompt_tokens", type=int, default=64)
-    p.add_argument("--methods", nargs="*", default=None, help="subset of method names (substring match)")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of methods: names starting with these strings")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -308,18 +308,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     chosen = methods(matched_lora_rank(base_config, base_state))
     if args.methods:
-        chosen = {n: b for n, b in chosen.items() if any(s in n for s in args.methods)}
+        chosen = {n: b for n, b in chosen.items() if any(n.startswith(s) for s in args.methods)}
     runs: list[dict[str, Any]] = []
     best_lr: dict[str, float] = {}
+    # Every finished run is appended here at once, so a long run that is interrupted keeps what it measured.
+    log_path = out / "quality_runs.jsonl"
+    log_path.write_text("")
+
+    def logged(run: dict[str, Any]) -> dict[str, Any]:
+        with log_path.open("a") as f:
+            f.write(json.dumps(run) + "\n")
+        return run
+
     for name, build in chosen.items():
         search = [
-            run_once(name, build, base_config, base_state, tokenizer, data, lr, args.seeds[0], args) for lr in args.lrs
+            logged(run_once(name, build, base_config, base_state, tokenizer, data, lr, args.seeds[0], args))
+            for lr in args.lrs
         ]
         best = max(search, key=lambda r: r["validation"]["macro"]) if len(search) > 1 else search[0]
         best_lr[name] = best["lr"]
         runs += search
         for seed in args.seeds[1:]:
-            runs.append(run_once(name, build, base_config, base_state, tokenizer, data, best["lr"], seed, args))
+            runs.append(
+                logged(run_once(name, build, base_config, base_state, tokenizer, data, best["lr"], seed, args))
+            )
     summary = summarise(runs, best_lr)
     import platform
 
