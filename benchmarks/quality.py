@@ -144,6 +144,7 @@ def run_once(
         losses.append(loss.item())
     train_s = time.perf_counter() - t0
     out = {"method": name, "lr": lr, "seed": seed, "trainable": trainable(model), "train_s": train_s}
+    out["protocol"] = protocol(args)
     out["loss_first"], out["loss_last"] = losses[0], sum(losses[-5:]) / len(losses[-5:])
     # With a single learning rate there is nothing to choose, so the validation split is not scored.
     for split in ("validation", "test") if len(args.lrs) > 1 else ("test",):
@@ -152,6 +153,25 @@ def run_once(
         out[split] = accuracy_report(examples, scores)
     logger.info("%s lr=%g seed=%d: test %.3f (%.0fs train)", name, lr, seed, out["test"]["macro"], train_s)
     return out
+
+
+def protocol(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything besides (method, lr, seed) that decides a run's result: a run is only reused under the same one."""
+    keys = ("model", "steps", "batch_size", "lrs", "train_cap", "val_cap", "test_cap", "data_seed", "max_prompt_tokens")
+    return {k: getattr(args, k) for k in keys}
+
+
+def load_finished_runs(log_path: Path, args: argparse.Namespace) -> dict[tuple[str, float, int], dict[str, Any]]:
+    """Runs from an earlier (possibly interrupted) invocation with the same protocol, keyed by (method, lr, seed)."""
+    if not log_path.exists():
+        return {}
+    wanted = json.loads(json.dumps(protocol(args)))  # tuples -> lists, as they come back from JSON
+    finished = {}
+    for line in log_path.read_text().splitlines():
+        run = json.loads(line) if line.strip() else None
+        if run is not None and run.get("protocol") == wanted:
+            finished[(run["method"], run["lr"], run["seed"])] = run
+    return finished
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -277,6 +297,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_prompt_tokens", type=int, default=64)
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods: names starting with these strings")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs in quality_runs.jsonl that were made with this same protocol (steps, caps, lrs, ...)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
@@ -313,25 +338,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     best_lr: dict[str, float] = {}
     # Every finished run is appended here at once, so a long run that is interrupted keeps what it measured.
     log_path = out / "quality_runs.jsonl"
-    log_path.write_text("")
+    finished = load_finished_runs(log_path, args) if args.resume else {}
+    if finished:
+        logger.info("resuming: %d finished runs with this protocol in %s", len(finished), log_path)
+    else:
+        log_path.write_text("")
 
-    def logged(run: dict[str, Any]) -> dict[str, Any]:
+    def logged(name: str, build: Callable, lr: float, seed: int) -> dict[str, Any]:
+        if (name, lr, seed) in finished:
+            return finished[(name, lr, seed)]
+        run = run_once(name, build, base_config, base_state, tokenizer, data, lr, seed, args)
         with log_path.open("a") as f:
             f.write(json.dumps(run) + "\n")
         return run
 
     for name, build in chosen.items():
-        search = [
-            logged(run_once(name, build, base_config, base_state, tokenizer, data, lr, args.seeds[0], args))
-            for lr in args.lrs
-        ]
+        search = [logged(name, build, lr, args.seeds[0]) for lr in args.lrs]
         best = max(search, key=lambda r: r["validation"]["macro"]) if len(search) > 1 else search[0]
         best_lr[name] = best["lr"]
         runs += search
         for seed in args.seeds[1:]:
-            runs.append(
-                logged(run_once(name, build, base_config, base_state, tokenizer, data, best["lr"], seed, args))
-            )
+            runs.append(logged(name, build, best["lr"], seed))
     summary = summarise(runs, best_lr)
     import platform
 

@@ -60,3 +60,16 @@ def test_verdict_calls_differences_within_noise_a_match():
         "MixLoRA": {"macro": (0.52, 0.05)},
     }
     assert "matches (within noise)" in q.verdict(summary)[0]
+
+
+def test_resume_reuses_only_runs_made_with_the_same_protocol(tmp_path):
+    q = _quality()
+    args = q.parse_args(["--steps", "30", "--lrs", "1e-3", "3e-3"])
+    same = dict(_run("LiME E=8", 1e-3, 0, 0.5, 0.5), protocol=q.protocol(args))
+    other_steps = dict(_run("LiME E=8", 3e-3, 0, 0.5, 0.5), protocol=q.protocol(q.parse_args(["--steps", "31"])))
+    legacy = _run("LoRA r=8", 1e-3, 0, 0.5, 0.5)  # written before runs carried their protocol
+    log = tmp_path / "quality_runs.jsonl"
+    log.write_text("\n".join(q.json.dumps(r) for r in (same, other_steps, legacy)) + "\n")
+    finished = q.load_finished_runs(log, args)
+    assert list(finished) == [("LiME E=8", 1e-3, 0)]
+    assert q.load_finished_runs(tmp_path / "missing.jsonl", args) == {}
