@@ -19,6 +19,7 @@ from .telemetry import (
     reset_routing_stats,
     set_aux_loss_scale,
     set_routing_stats_enabled,
+    sync_routing_stats,
 )
 
 register_lime()
@@ -44,5 +45,6 @@ __all__ = [
     "reset_routing_stats",
     "set_aux_loss_scale",
     "set_routing_stats_enabled",
+    "sync_routing_stats",
     "update_lime_model_card",
 ]

@@ -170,6 +170,39 @@ def _lime_layers(model: nn.Module):
             yield name.removeprefix("base_model.model."), module
 
 
+def sync_routing_stats(model: nn.Module, group: Optional[Any] = None) -> bool:
+    """Sum every LiME layer's routing statistics over the ranks of ``group`` (default: all ranks), in place.
+
+    Under DDP / FSDP each rank only records the tokens of its own micro-batches; every statistic is kept as a sum
+    (tokens, probabilities, loads, per-call balance terms, task tables), so summing the sums over ranks gives exactly
+    the statistics of the global batch. One collective for the whole model; every rank of the group must call it at
+    the same point (a logging callback does, since the Trainer logs on every rank). Returns False without
+    communicating when torch.distributed is not initialised or the group has a single rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return False
+    buffers: list[torch.Tensor] = []
+    # named_modules order is the same on every rank (same model code), so the flattened layouts line up.
+    for _, layer in _lime_layers(model):
+        for adapter in sorted(layer.lime_stats):
+            stats = layer.lime_stats[adapter]
+            stats._fold()
+            # A rank that recorded nothing still takes part, with zeros on the device the experts live on.
+            device = next(layer.lime_experts[adapter].parameters()).device
+            buffers += list(stats._buffers(device).values())
+    if not buffers:
+        return False
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+    return True
+
+
 def get_routing_stats(model: nn.Module, adapter_name: Optional[str] = None, reset: bool = False) -> dict[str, Any]:
     """Routing statistics since the last reset: ``{"layers": {name: {...}}, "aggregate": {...}}``.
 

@@ -234,6 +234,42 @@ def wrap_fsdp1(model, report: dict):
     return wrapped
 
 
+def _check_routing_sync(model, peft_model, rank: int, world: int) -> dict:
+    """Each rank routes its own batch; after sync_routing_stats every rank must hold the statistics of both batches.
+
+    Returns, for rank 0's report, the largest disagreement of the synced statistics with the token-weighted merge of
+    the per-rank ones, and how far apart the ranks' own statistics were (so the check cannot pass by accident).
+    """
+    import peft_lime
+
+    peft_lime.reset_routing_stats(peft_model)
+    with torch.no_grad():
+        model(input_ids=train_batch(rank, 99)[:, : 6 + 4 * rank])  # different lengths: token-weighting matters
+    local = peft_lime.get_routing_stats(peft_model)["layers"]  # reading does not reset
+    assert peft_lime.sync_routing_stats(peft_model)
+    synced = peft_lime.get_routing_stats(peft_model, reset=True)["layers"]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, {"local": local, "synced": synced})
+    worst, spread = 0.0, 0.0
+    for name, merged in synced.items():
+        parts = [e["local"][name] for e in everyone]
+        tokens = [p["tokens"] for p in parts]
+        worst = max(worst, abs(merged["tokens"] - sum(tokens)))
+        for key in ("routing_entropy", "active_experts", "mean_probs"):
+            want = sum(torch.tensor(p[key]) * n for p, n in zip(parts, tokens)) / sum(tokens)
+            worst = max(worst, (torch.tensor(merged[key]) - want).abs().max().item())
+            spread = max(spread, (torch.tensor(parts[0][key]) - torch.tensor(parts[1][key])).abs().max().item())
+        for other in everyone[1:]:  # every rank ends with the same numbers
+            worst = max(
+                worst,
+                (torch.tensor(other["synced"][name]["mean_probs"]) - torch.tensor(merged["mean_probs"]))
+                .abs()
+                .max()
+                .item(),
+            )
+    return {"layers": len(synced), "max_error": worst, "rank_spread": spread}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["fsdp2", "fsdp2_leaves", "fsdp2_qlora", "fsdp1", "ddp"], required=True)
@@ -287,6 +323,7 @@ def main() -> None:
     for n in after:
         torch.testing.assert_close(gathered[0][n], gathered[1][n], rtol=0, atol=0)
 
+    report["routing_sync"] = _check_routing_sync(model, peft_model, rank, world)
     with torch.no_grad():
         logits = model(**eval_batch()).logits.detach().cpu()
 

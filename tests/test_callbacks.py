@@ -250,3 +250,27 @@ def test_remove_unused_columns_drops_task_ids(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all("lime/routing_entropy" in h for h in logs)
     assert not any("lime/task_expert_mi" in h for h in logs)
+
+
+@pytest.mark.parametrize("sync_ranks", [True, False])
+def test_statistics_are_synced_across_ranks_before_each_read(tmp_path, monkeypatch, sync_ranks):
+    """The callback sums the ranks' statistics (sync_routing_stats, tested on 2 ranks in test_distributed) right
+    before it reads them: at each training log and at train end, never for evaluation logs; sync_ranks=False never."""
+    events = []
+    real_sync, real_read = peft_lime.sync_routing_stats, peft_lime.get_routing_stats
+
+    def sync(model, group=None):
+        events.append("sync")
+        return real_sync(model, group)  # a single process: returns False, leaves the statistics alone
+
+    def read(model, *args, **kwargs):
+        events.append("read")
+        return real_read(model, *args, **kwargs)
+
+    monkeypatch.setattr(peft_lime, "sync_routing_stats", sync)
+    monkeypatch.setattr(peft_lime, "get_routing_stats", read)
+    trainer = _task_trainer(tmp_path, remove_unused_columns=False, callback=LimeRoutingCallback(sync_ranks=sync_ranks))
+    trainer.train()
+    reads = 2 + 1  # two training logs (steps 2 and 4) and train end; the two evaluation logs read nothing
+    assert events == (["sync", "read"] * reads if sync_ranks else ["read"] * reads)
+    assert all("lime/routing_entropy" in h for h in trainer.state.log_history if "loss" in h)

@@ -158,6 +158,15 @@ def test_adapter_extraction_sees_through_activation_checkpoint_wrappers(referenc
     assert set(get_peft_model_state_dict(model)) == reference_adapter_keys
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_routing_statistics_are_summed_over_ranks(runs, mode):
+    """sync_routing_stats: each rank routed a different batch; afterwards both hold the merged statistics."""
+    sync = runs(mode)[1]["routing_sync"]
+    assert sync["layers"] == 2 * len(TARGETS)
+    assert sync["rank_spread"] > 1e-3, sync  # the ranks' own statistics really differed
+    assert sync["max_error"] < 1e-5, sync
+
+
 def _fresh_base(mode: str, out: Path):
     """The backbone the ranks started from: same seed, or the same checkpoint quantized the same way."""
     if mode != "fsdp2_qlora":

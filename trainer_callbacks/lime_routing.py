@@ -96,6 +96,9 @@ class LimeRoutingCallback(TrainerCallback):
             Also write them (suffixed ``-step<N>``) at logging steps that are multiples of ``plot_steps``.
         capture_task_ids (`bool`, *optional*, defaults to `True`):
             Install the ``task_ids`` pre-hook on the model at train begin.
+        sync_ranks (`bool`, *optional*, defaults to `True`):
+            Under DDP / FSDP (torch.distributed initialised, several ranks), sum the statistics over all ranks before
+            logging, so every rank logs the routing of the global batch (one all-reduce per log).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class LimeRoutingCallback(TrainerCallback):
         plots: bool = True,
         plot_steps: Optional[int] = None,
         capture_task_ids: bool = True,
+        sync_ranks: bool = True,
     ) -> None:
         if plot_steps is not None and plot_steps < 1:
             raise ValueError(f"plot_steps: must be None or >= 1, got {plot_steps}")
@@ -117,6 +121,7 @@ class LimeRoutingCallback(TrainerCallback):
         self.plots = plots
         self.plot_steps = plot_steps
         self.capture_task_ids = capture_task_ids
+        self.sync_ranks = sync_ranks
         self._handler: Optional[CallbackHandler] = None
         self._model = None
         self._layers: list = []
@@ -227,6 +232,8 @@ class LimeRoutingCallback(TrainerCallback):
         """Read and reset the layers' statistics (one device sync per layer); returns the log entries."""
         import peft_lime
 
+        if self.sync_ranks:
+            peft_lime.sync_routing_stats(self._model)  # no-op in a single process
         stats = peft_lime.get_routing_stats(self._model, reset=True)
         layers, agg = stats["layers"], stats["aggregate"]
         if not layers or not any(v["tokens"] > 0 for v in layers.values()):
