@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +41,15 @@ from mini_mmt.vlm import ProjectorConfig, embedding_rms  # noqa: E402
 
 import peft_lime  # noqa: E402
 from benchmarks.baselines.mixlora import apply_mixlora  # noqa: E402
+from benchmarks.quality_common import (  # noqa: E402
+    RunLog,
+    lr_search_table,
+    plot_macro,
+    results_table,
+    search_then_seeds,
+    summarise,
+    verdict,
+)
 
 logger = logging.getLogger("quality")
 
@@ -144,7 +152,6 @@ def run_once(
         losses.append(loss.item())
     train_s = time.perf_counter() - t0
     out = {"method": name, "lr": lr, "seed": seed, "trainable": trainable(model), "train_s": train_s}
-    out["protocol"] = protocol(args)
     out["loss_first"], out["loss_last"] = losses[0], sum(losses[-5:]) / len(losses[-5:])
     # With a single learning rate there is nothing to choose, so the validation split is not scored.
     for split in ("validation", "test") if len(args.lrs) > 1 else ("test",):
@@ -157,66 +164,25 @@ def run_once(
 
 def protocol(args: argparse.Namespace) -> dict[str, Any]:
     """Everything besides (method, lr, seed) that decides a run's result: a run is only reused under the same one."""
-    keys = ("model", "steps", "batch_size", "lrs", "train_cap", "val_cap", "test_cap", "data_seed", "max_prompt_tokens")
+    keys = (
+        "model",
+        "steps",
+        "batch_size",
+        "lrs",
+        "train_cap",
+        "val_cap",
+        "test_cap",
+        "data_seed",
+        "max_prompt_tokens",
+    )
     return {k: getattr(args, k) for k in keys}
-
-
-def load_finished_runs(log_path: Path, args: argparse.Namespace) -> dict[tuple[str, float, int], dict[str, Any]]:
-    """Runs from an earlier (possibly interrupted) invocation with the same protocol, keyed by (method, lr, seed)."""
-    if not log_path.exists():
-        return {}
-    wanted = json.loads(json.dumps(protocol(args)))  # tuples -> lists, as they come back from JSON
-    finished = {}
-    for line in log_path.read_text().splitlines():
-        run = json.loads(line) if line.strip() else None
-        if run is not None and run.get("protocol") == wanted:
-            finished[(run["method"], run["lr"], run["seed"])] = run
-    return finished
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarise(runs: list[dict[str, Any]], best_lr: dict[str, float]) -> dict[str, Any]:
-    """Per method at its chosen lr: test macro and per-task mean +- std over seeds."""
-    out = {}
-    for name, lr in best_lr.items():
-        chosen = [r for r in runs if r["method"] == name and r["lr"] == lr]
-        tasks = list(chosen[0]["test"]["per_task"])
-        out[name] = {
-            "lr": lr,
-            "seeds": [r["seed"] for r in chosen],
-            "trainable": chosen[0]["trainable"],
-            "macro": _mean_std([r["test"]["macro"] for r in chosen]),
-            "per_task": {t: _mean_std([r["test"]["per_task"][t] for r in chosen]) for t in tasks},
-            "train_s": statistics.fmean(r["train_s"] for r in chosen),
-        }
-    return out
-
-
-def verdict(summary: dict[str, Any]) -> list[str]:
-    """Plain-language comparison of LiME E=8 with each other method (difference of means, in std units)."""
-    lime = summary.get("LiME E=8")
-    if lime is None:
-        return []
-    lines = []
-    for name, s in summary.items():
-        if name == "LiME E=8":
-            continue
-        diff = lime["macro"][0] - s["macro"][0]
-        noise = math.sqrt(lime["macro"][1] ** 2 + s["macro"][1] ** 2) or 1e-9
-        word = "matches (within noise)" if abs(diff) <= noise else ("beats" if diff > 0 else "loses to")
-        lines.append(f"- LiME E=8 {word} {name}: {diff * 100:+.1f} macro-accuracy points ({diff / noise:+.1f} std).")
-    return lines
-
-
 def write_report(result: dict[str, Any], out: Path) -> None:
     summary = result["summary"]
-    tasks = list(next(iter(summary.values()))["per_task"])
     lines = [
         "# LiME quality on mini-MMT",
         "",
@@ -231,52 +197,17 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         f"train {result['args']['train_cap']}, validation {result['args']['val_cap']}, test "
         f"{result['args']['test_cap']}. The test split is never used for a choice.",
         "",
-        "| method | trainable | lr | macro (test) | " + " | ".join(tasks) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(tasks),
     ]
-    for name, s in summary.items():
-        cells = [f"{s['per_task'][t][0]:.3f} +- {s['per_task'][t][1]:.3f}" for t in tasks]
-        lines.append(
-            f"| {name} | {s['trainable']:,} | {s['lr']:g} | **{s['macro'][0]:.3f} +- {s['macro'][1]:.3f}** | "
-            + " | ".join(cells)
-            + " |"
-        )
+    lines += results_table(summary)
     lines += [
         "",
         f"Base model before training (no adapter, untrained projector): macro {result['base_macro']:.3f}.",
         "",
     ]
     lines += ["## Verdict", ""] + (result["verdict"] or ["- (LiME E=8 not in this run)"])
-    if len(result["args"]["lrs"]) < 2:
-        (out / "quality.md").write_text("\n".join(lines) + "\n")
-        return
-    lines += ["", "## Learning-rate search (validation macro, seed " + str(result["args"]["seeds"][0]) + ")", ""]
-    lines += ["| method | " + " | ".join(f"lr {lr:g}" for lr in result["args"]["lrs"]) + " |"]
-    lines += ["|---|" + "---:|" * len(result["args"]["lrs"])]
-    for name in summary:
-        vals = {r["lr"]: r["validation"]["macro"] for r in result["runs"] if r["method"] == name}
-        lines.append(f"| {name} | " + " | ".join(f"{vals.get(lr, float('nan')):.3f}" for lr in result["args"]["lrs"]))
+    if len(result["args"]["lrs"]) > 1:
+        lines += lr_search_table(result["runs"], summary, result["args"]["lrs"], result["args"]["seeds"][0])
     (out / "quality.md").write_text("\n".join(lines) + "\n")
-
-
-def plot(summary: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    means = [summary[n]["macro"][0] for n in names]
-    stds = [summary[n]["macro"][1] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh(range(len(names)), means, xerr=stds, color="tab:green", alpha=0.8, capsize=3)
-    ax.set_yticks(range(len(names)))
-    ax.set_yticklabels(names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("mini-MMT test macro accuracy (mean +- std over seeds)")
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,31 +265,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     chosen = methods(matched_lora_rank(base_config, base_state))
     if args.methods:
         chosen = {n: b for n, b in chosen.items() if any(n.startswith(s) for s in args.methods)}
-    runs: list[dict[str, Any]] = []
-    best_lr: dict[str, float] = {}
-    # Every finished run is appended here at once, so a long run that is interrupted keeps what it measured.
-    log_path = out / "quality_runs.jsonl"
-    finished = load_finished_runs(log_path, args) if args.resume else {}
-    if finished:
-        logger.info("resuming: %d finished runs with this protocol in %s", len(finished), log_path)
-    else:
-        log_path.write_text("")
+    # Every finished run is appended to the log at once, so a long run that is interrupted keeps what it measured.
+    log = RunLog(out / "quality_runs.jsonl", protocol(args), resume=args.resume)
+    if log.finished:
+        logger.info("resuming: %d finished runs with this protocol in %s", len(log.finished), log.path)
 
-    def logged(name: str, build: Callable, lr: float, seed: int) -> dict[str, Any]:
-        if (name, lr, seed) in finished:
-            return finished[(name, lr, seed)]
-        run = run_once(name, build, base_config, base_state, tokenizer, data, lr, seed, args)
-        with log_path.open("a") as f:
-            f.write(json.dumps(run) + "\n")
-        return run
+    def run(name: str, lr: float, seed: int) -> dict[str, Any]:
+        return log.get(
+            name,
+            lr,
+            seed,
+            lambda: run_once(name, chosen[name], base_config, base_state, tokenizer, data, lr, seed, args),
+        )
 
-    for name, build in chosen.items():
-        search = [logged(name, build, lr, args.seeds[0]) for lr in args.lrs]
-        best = max(search, key=lambda r: r["validation"]["macro"]) if len(search) > 1 else search[0]
-        best_lr[name] = best["lr"]
-        runs += search
-        for seed in args.seeds[1:]:
-            runs.append(logged(name, build, best["lr"], seed))
+    runs, best_lr = search_then_seeds(list(chosen), args.lrs, args.seeds, run)
     summary = summarise(runs, best_lr)
     import platform
 
@@ -376,7 +296,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
-    plot(summary, out)
+    plot_macro(summary, out / "quality.png", "mini-MMT test macro accuracy (mean +- std over seeds)")
     logger.info("wrote %s (%.1f min)", out / "quality.md", result["seconds"] / 60)
     return result
 

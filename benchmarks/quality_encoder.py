@@ -1,6 +1,6 @@
 """Quality, encoder variant: all-MiniLM-L6-v2 (a real BERT encoder) on mini-MMT's text and tabular tasks.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality_encoder.py          # 3 seeds x 4 methods, a few minutes
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality_encoder.py          # 4 methods, 2 lrs, 3 seeds
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality_encoder.py --quick  # smoke run
 
 A cheaper second backbone. One model is trained on all the tasks at once (multi-task, the point of LiME): the input
@@ -8,10 +8,11 @@ is "<task>: <prompt>", a shared classification head spans the union of the tasks
 modules_to_save), and a prediction is the arg-max over the logits of the example's OWN task's labels (closed-set,
 never substring matching). Methods: LoRA r=8, LoRA at the rank matching LiME E=8's parameter count, LiME E=4 and
 E=8 (Auto Top-K), on the query / key / value / attention-output / intermediate / output projections. MixLoRA is not
-run here: it is defined on Llama-style gated MLPs (gate/up/down), which BERT does not have. Same steps, batch order
-(per seed) and learning rate for every method; the test split is only scored.
+run here: it is defined on Llama-style gated MLPs (gate/up/down), which BERT does not have. The protocol is
+quality.py's (benchmarks/quality_common.py): same steps and batch order (per seed) for every method, the lr grid
+searched with the first seed on the VALIDATION split, the other seeds at the chosen lr; the test split is only scored.
 
-Writes benchmarks/results/quality_encoder.md and quality_encoder.json.
+Writes benchmarks/results/quality_encoder.md, quality_encoder.json and quality_encoder_runs.jsonl (``--resume``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,28 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from chat_data import minilm_dir  # noqa: E402
 from mini_mmt import SplitCaps, load_mini_mmt  # noqa: E402
 
 import peft_lime  # noqa: E402
+from benchmarks.quality_common import (  # noqa: E402
+    RunLog,
+    lr_search_table,
+    plot_macro,
+    results_table,
+    search_then_seeds,
+    summarise,
+    verdict,
+)
 
 logger = logging.getLogger("quality_encoder")
 TASKS = ("chat_topic", "iris", "wine", "breast_cancer")
@@ -68,58 +80,55 @@ def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_once(method: str, rank: int, data: Any, tok: Any, space: tuple, seed: int, args) -> dict[str, Any]:
+def encode(tok: Any, batch: Sequence) -> dict[str, torch.Tensor]:
+    """ "<task>: <prompt>" for every example: one model for all the tasks, told which one it is answering."""
+    texts = [f"{ex.task}: {ex.prompt}" for ex in batch]
+    return dict(tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tok: Any, examples: Sequence, space: tuple) -> dict[str, Any]:
+    """Per-task accuracy (arg-max over the example's own task's labels) and their macro mean."""
     labels, per_task = space
+    model.eval()
+    correct: dict[str, list[int]] = {t: [] for t in per_task}
+    for start in range(0, len(examples), 32):
+        batch = examples[start : start + 32]
+        for ex, row in zip(batch, model(**encode(tok, batch)).logits):
+            own = per_task[ex.task]
+            correct[ex.task].append(int(labels[own[int(row[own].argmax())]] == f"{ex.task}:{ex.label}"))
+    acc = {t: sum(v) / len(v) for t, v in correct.items() if v}
+    return {"macro": statistics.fmean(acc.values()), "per_task": acc}
+
+
+def run_once(method: str, rank: int, data: Any, tok: Any, space: tuple, lr: float, seed: int, args) -> dict[str, Any]:
+    """Train one method with one (lr, seed); score validation (when there is an lr to choose) and test."""
+    labels, _ = space
     index = {k: i for i, k in enumerate(labels)}
     torch.manual_seed(seed)
     model = build(method, len(labels), rank if "params" in method else 8)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     train = data.train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-
-    def encode(batch: list) -> dict[str, torch.Tensor]:
-        enc = tok(
-            [f"{ex.task}: {ex.prompt}" for ex in batch],
-            padding=True,
-            truncation=True,
-            max_length=128,
-            return_tensors="pt",
-        )
-        return dict(enc)
-
     model.train()
     t0 = time.perf_counter()
     for step in range(args.steps):
         batch = [train[order[(step * args.batch_size + i) % len(order)]] for i in range(args.batch_size)]
         y = torch.tensor([index[f"{ex.task}:{ex.label}"] for ex in batch])
-        loss = torch.nn.functional.cross_entropy(model(**encode(batch)).logits, y)
+        loss = torch.nn.functional.cross_entropy(model(**encode(tok, batch)).logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    train_s = time.perf_counter() - t0
-    model.eval()
-    correct: dict[str, list[int]] = {t: [] for t in per_task}
-    with torch.no_grad():
-        for start in range(0, len(data.test), 32):
-            batch = data.test[start : start + 32]
-            logits = model(**encode(batch)).logits
-            for ex, row in zip(batch, logits):
-                own = per_task[ex.task]
-                pred = labels[own[int(row[own].argmax())]]
-                correct[ex.task].append(int(pred == f"{ex.task}:{ex.label}"))
-    per_task_acc = {t: sum(v) / len(v) for t, v in correct.items() if v}
-    macro = statistics.fmean(per_task_acc.values())
-    logger.info("%s seed=%d: test macro %.3f (%.0fs train)", method, seed, macro, train_s)
-    return {
-        "method": method,
-        "seed": seed,
-        "trainable": trainable(model),
-        "train_s": train_s,
-        "macro": macro,
-        "per_task": per_task_acc,
-    }
+    out = {"method": method, "lr": lr, "seed": seed, "trainable": trainable(model)}
+    out["train_s"] = time.perf_counter() - t0
+    for split in ("validation", "test") if len(args.lrs) > 1 else ("test",):
+        out[split] = evaluate(model, tok, getattr(data, split), space)
+    logger.info(
+        "%s lr=%g seed=%d: test macro %.3f (%.0fs train)", method, lr, seed, out["test"]["macro"], out["train_s"]
+    )
+    return out
 
 
 def matched_rank(num_labels: int) -> int:
@@ -131,61 +140,68 @@ def matched_rank(num_labels: int) -> int:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 lr, 2 steps, tiny caps")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train_cap", type=int, default=96)
+    p.add_argument("--val_cap", type=int, default=16)
     p.add_argument("--test_cap", type=int, default=28)
+    p.add_argument("--resume", action="store_true", help="reuse finished runs made with this same protocol")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.train_cap, args.test_cap = 2, args.seeds[:1], 4, 4
+        args.steps, args.lrs, args.seeds = 2, args.lrs[:1], args.seeds[:1]
+        args.train_cap, args.val_cap, args.test_cap = 4, 2, 4
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
-    suite = load_mini_mmt(caps=SplitCaps(train=args.train_cap, validation=1, test=args.test_cap), tasks=TASKS)
+    caps = SplitCaps(train=args.train_cap, validation=args.val_cap, test=args.test_cap)
+    suite = load_mini_mmt(caps=caps, tasks=TASKS)
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    space = label_space(suite.train + suite.test)
+    space = label_space(suite.train + suite.validation + suite.test)
     rank = matched_rank(len(space[0]))
     methods = ["LoRA r=8", f"LoRA r={rank} (params of LiME E=8)", "LiME E=4", "LiME E=8"]
-    runs = [run_once(m, rank, suite, tok, space, seed, args) for m in methods for seed in args.seeds]
-    summary = {}
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        macros = [r["macro"] for r in rs]
-        summary[m] = {
-            "trainable": rs[0]["trainable"],
-            "macro": (statistics.fmean(macros), statistics.stdev(macros) if len(macros) > 1 else 0.0),
-            "per_task": {t: statistics.fmean(r["per_task"][t] for r in rs) for t in rs[0]["per_task"]},
-        }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(args), "summary": summary, "runs": runs, "seconds": time.perf_counter() - t_start}
+    keys = ("steps", "batch_size", "lrs", "train_cap", "val_cap", "test_cap")
+    log = RunLog(out / "quality_encoder_runs.jsonl", {k: getattr(args, k) for k in keys}, resume=args.resume)
+
+    def run(method: str, lr: float, seed: int) -> dict[str, Any]:
+        return log.get(method, lr, seed, lambda: run_once(method, rank, suite, tok, space, lr, seed, args))
+
+    runs, best_lr = search_then_seeds(methods, args.lrs, args.seeds, run)
+    summary = summarise(runs, best_lr)
+    result = {
+        "args": vars(args),
+        "summary": summary,
+        "verdict": verdict(summary),
+        "runs": runs,
+        "seconds": time.perf_counter() - t_start,
+    }
     (out / "quality_encoder.json").write_text(json.dumps(result, indent=2))
-    tasks = list(next(iter(summary.values()))["per_task"])
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# LiME quality, encoder variant (all-MiniLM-L6-v2, multi-task classification)",
         "",
-        f"Command: `python benchmarks/quality_encoder.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-        f"{args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr:g}, seeds {args.seeds}; tasks {list(TASKS)}; "
-        f"caps per task train {args.train_cap}, test {args.test_cap}; wall time {result['seconds'] / 60:.1f} min "
-        "on 2 CPU cores. Prediction: arg-max over the example's own task labels.",
+        f"Command: `python benchmarks/quality_encoder.py {command}`; {args.steps} steps, batch {args.batch_size}, "
+        f"AdamW, lr grid {args.lrs} searched with seed {args.seeds[0]} on the validation split, seeds {args.seeds} at "
+        f"the chosen lr; tasks {list(TASKS)}; caps per task train {args.train_cap}, validation {args.val_cap}, test "
+        f"{args.test_cap}; wall time of this invocation {result['seconds'] / 60:.1f} min on {args.threads} CPU "
+        "threads. Prediction: arg-max over the example's own task labels. The test split is never used for a choice.",
         "",
-        "| method | trainable | macro (test) | " + " | ".join(tasks) + " |",
-        "|---|---:|---:|" + "---:|" * len(tasks),
     ]
-    for m, s in summary.items():
-        lines.append(
-            f"| {m} | {s['trainable']:,} | **{s['macro'][0]:.3f} +- {s['macro'][1]:.3f}** | "
-            + " | ".join(f"{s['per_task'][t]:.3f}" for t in tasks)
-            + " |"
-        )
+    lines += results_table(summary) + ["", "## Verdict", ""] + (result["verdict"] or ["- (LiME E=8 not in this run)"])
+    if len(args.lrs) > 1:
+        lines += lr_search_table(runs, summary, args.lrs, args.seeds[0])
     (out / "quality_encoder.md").write_text("\n".join(lines) + "\n")
-    logger.info("wrote %s", out / "quality_encoder.md")
+    plot_macro(summary, out / "quality_encoder.png", "MiniLM multi-task test macro accuracy (mean +- std over seeds)")
+    logger.info("wrote %s (%.1f min)", out / "quality_encoder.md", result["seconds"] / 60)
     return result
 
 

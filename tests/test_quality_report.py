@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -63,13 +64,44 @@ def test_verdict_calls_differences_within_noise_a_match():
 
 
 def test_resume_reuses_only_runs_made_with_the_same_protocol(tmp_path):
+    from benchmarks.quality_common import RunLog
+
     q = _quality()
     args = q.parse_args(["--steps", "30", "--lrs", "1e-3", "3e-3"])
     same = dict(_run("LiME E=8", 1e-3, 0, 0.5, 0.5), protocol=q.protocol(args))
     other_steps = dict(_run("LiME E=8", 3e-3, 0, 0.5, 0.5), protocol=q.protocol(q.parse_args(["--steps", "31"])))
     legacy = _run("LoRA r=8", 1e-3, 0, 0.5, 0.5)  # written before runs carried their protocol
-    log = tmp_path / "quality_runs.jsonl"
-    log.write_text("\n".join(q.json.dumps(r) for r in (same, other_steps, legacy)) + "\n")
-    finished = q.load_finished_runs(log, args)
-    assert list(finished) == [("LiME E=8", 1e-3, 0)]
-    assert q.load_finished_runs(tmp_path / "missing.jsonl", args) == {}
+    path = tmp_path / "quality_runs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (same, other_steps, legacy)) + "\n")
+    log = RunLog(path, q.protocol(args), resume=True)
+    assert list(log.finished) == [("LiME E=8", 1e-3, 0)]
+
+    def must_not_train():
+        raise AssertionError("a finished run was trained again")
+
+    assert log.get("LiME E=8", 1e-3, 0, must_not_train)["test"]["macro"] == 0.5
+    fresh = log.get("LiME E=8", 3e-3, 0, lambda: _run("LiME E=8", 3e-3, 0, 0.7, 0.6))  # other protocol: retrained
+    assert fresh["validation"]["macro"] == 0.7 and len(path.read_text().splitlines()) == 4
+    assert RunLog(path, q.protocol(args), resume=True).finished.keys() == {
+        ("LiME E=8", 1e-3, 0),
+        ("LiME E=8", 3e-3, 0),
+    }
+    RunLog(path, q.protocol(args), resume=False)  # a fresh start empties the log
+    assert path.read_text() == ""
+
+
+def test_lr_search_uses_validation_of_the_first_seed_only():
+    from benchmarks.quality_common import lr_search_table, search_then_seeds
+
+    # validation macro by (lr, seed): seed 0 prefers 3e-3; a later seed's validation must not enter the table
+    val = {(1e-3, 0): 0.4, (3e-3, 0): 0.6, (3e-3, 1): 0.1, (3e-3, 2): 0.9}
+    calls = []
+
+    def run(name, lr, seed):
+        calls.append((lr, seed))
+        return _run(name, lr, seed, val[(lr, seed)], 0.5)
+
+    runs, best = search_then_seeds(["LiME E=8"], [1e-3, 3e-3], [0, 1, 2], run)
+    assert best == {"LiME E=8": 3e-3} and calls == [(1e-3, 0), (3e-3, 0), (3e-3, 1), (3e-3, 2)]
+    table = lr_search_table(runs, {"LiME E=8": None}, [1e-3, 3e-3], seed=0)
+    assert table[-1] == "| LiME E=8 | 0.400 | 0.600 |"
