@@ -43,6 +43,8 @@ import peft_lime  # noqa: E402
 from benchmarks.baselines.mixlora import apply_mixlora  # noqa: E402
 from benchmarks.quality_common import (  # noqa: E402
     RunLog,
+    chance_line,
+    chance_report,
     lr_search_table,
     plot_macro,
     results_table,
@@ -186,8 +188,10 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     lines = [
         "# LiME quality on mini-MMT",
         "",
-        f"Machine: {result['machine']}. Backbone: {result['model']}. Wall time of this run: "
-        f"{result['seconds'] / 60:.1f} min.",
+        f"Machine: {result['machine']}. Backbone: {result['model']}. Training time summed over the "
+        f"{len(result['runs'])} runs: {sum(r['train_s'] for r in result['runs']) / 60:.1f} min (scoring not included); "
+        f"wall time of the invocation that wrote this file: {result['seconds'] / 60:.1f} min (runs reused with "
+        "--resume are not re-timed).",
         f"Command: `{result['command']}`.",
         "",
         f"Protocol: {result['args']['steps']} steps, batch {result['args']['batch_size']}, AdamW, cosine schedule, "
@@ -201,7 +205,8 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     lines += results_table(summary)
     lines += [
         "",
-        f"Base model before training (no adapter, untrained projector): macro {result['base_macro']:.3f}.",
+        f"Base model before training (no adapter, untrained projector): macro {result['base_macro']:.3f}. "
+        + chance_line(result["chance"], list(next(iter(summary.values()))["per_task"])),
         "",
     ]
     lines += ["## Verdict", ""] + (result["verdict"] or ["- (LiME E=8 not in this run)"])
@@ -289,6 +294,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
         "base_macro": base_macro,
+        "chance": chance_report(data.test),
         "summary": summary,
         "verdict": verdict(summary),
         "runs": runs,

@@ -120,6 +120,20 @@ def results_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def chance_report(examples: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy of a uniform guess over each example's candidates: per task and macro (the floor to compare with)."""
+    per_task: dict[str, list[float]] = {}
+    for ex in examples:
+        per_task.setdefault(ex.task, []).append(1.0 / len(ex.candidates))
+    acc = {t: statistics.fmean(v) for t, v in per_task.items()}
+    return {"macro": statistics.fmean(acc.values()), "per_task": acc}
+
+
+def chance_line(chance: dict[str, Any], tasks: Sequence[str]) -> str:
+    cells = ", ".join(f"{t} {chance['per_task'][t]:.3f}" for t in tasks if t in chance["per_task"])
+    return f"Chance level (uniform guess over each task's candidates): macro {chance['macro']:.3f} ({cells})."
+
+
 def lr_search_table(runs: list[dict[str, Any]], summary: dict[str, Any], lrs: Sequence[float], seed: int) -> list[str]:
     """Markdown section with the validation macro of every (method, lr) of the search."""
     lines = ["", f"## Learning-rate search (validation macro, seed {seed})", ""]

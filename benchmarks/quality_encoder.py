@@ -38,6 +38,8 @@ from mini_mmt import SplitCaps, load_mini_mmt  # noqa: E402
 import peft_lime  # noqa: E402
 from benchmarks.quality_common import (  # noqa: E402
     RunLog,
+    chance_line,
+    chance_report,
     lr_search_table,
     plot_macro,
     results_table,
@@ -196,7 +198,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "threads. Prediction: arg-max over the example's own task labels. The test split is never used for a choice.",
         "",
     ]
-    lines += results_table(summary) + ["", "## Verdict", ""] + (result["verdict"] or ["- (LiME E=8 not in this run)"])
+    lines += results_table(summary) + ["", chance_line(chance_report(suite.test), TASKS)]
+    lines += ["", "## Verdict", ""] + (result["verdict"] or ["- (LiME E=8 not in this run)"])
     if len(args.lrs) > 1:
         lines += lr_search_table(runs, summary, args.lrs, args.seeds[0])
     (out / "quality_encoder.md").write_text("\n".join(lines) + "\n")
