@@ -5,8 +5,8 @@
 
 A cheaper second backbone. One model is trained on all the tasks at once (multi-task, the point of LiME): the input
 is "<task>: <prompt>", a shared classification head spans the union of the tasks' label sets (trained in full, in
-modules_to_save), and a prediction is the arg-max over the logits of the example's OWN task's labels (closed-set,
-never substring matching). Methods: LoRA r=8, LoRA at the rank matching LiME E=8's parameter count, LiME E=4 and
+modules_to_save), trained with a softmax over the example's OWN task's labels, and a prediction is the arg-max over
+those same logits (closed-set, never substring matching). Methods: LoRA r=8, LoRA at the rank matching LiME E=8's parameter count, LiME E=4 and
 E=8 (Auto Top-K), on the query / key / value / attention-output / intermediate / output projections. MixLoRA is not
 run here: it is defined on Llama-style gated MLPs (gate/up/down), which BERT does not have. The protocol is
 quality.py's (benchmarks/quality_common.py): same steps and batch order (per seed) for every method, the lr grid
@@ -103,9 +103,17 @@ def evaluate(model: torch.nn.Module, tok: Any, examples: Sequence, space: tuple)
     return {"macro": statistics.fmean(acc.values()), "per_task": acc}
 
 
+def own_task_mask(batch: Sequence, per_task: dict[str, list[int]], num_labels: int) -> torch.Tensor:
+    """(B, num_labels): 0 on each example's own task's labels, -inf elsewhere."""
+    mask = torch.full((len(batch), num_labels), float("-inf"))
+    for i, ex in enumerate(batch):
+        mask[i, per_task[ex.task]] = 0.0
+    return mask
+
+
 def run_once(method: str, rank: int, data: Any, tok: Any, space: tuple, lr: float, seed: int, args) -> dict[str, Any]:
     """Train one method with one (lr, seed); score validation (when there is an lr to choose) and test."""
-    labels, _ = space
+    labels, per_task = space
     index = {k: i for i, k in enumerate(labels)}
     torch.manual_seed(seed)
     model = build(method, len(labels), rank if "params" in method else 8)
@@ -118,7 +126,9 @@ def run_once(method: str, rank: int, data: Any, tok: Any, space: tuple, lr: floa
     for step in range(args.steps):
         batch = [train[order[(step * args.batch_size + i) % len(order)]] for i in range(args.batch_size)]
         y = torch.tensor([index[f"{ex.task}:{ex.label}"] for ex in batch])
-        loss = torch.nn.functional.cross_entropy(model(**encode(tok, batch)).logits, y)
+        # Train with the rule used to predict: a softmax over the example's own task's labels only.
+        logits = model(**encode(tok, batch)).logits + own_task_mask(batch, per_task, len(labels))
+        loss = torch.nn.functional.cross_entropy(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -143,11 +153,11 @@ def matched_rank(num_labels: int) -> int:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 lr, 2 steps, tiny caps")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 2e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--train_cap", type=int, default=96)
+    p.add_argument("--train_cap", type=int, default=256)
     p.add_argument("--val_cap", type=int, default=16)
     p.add_argument("--test_cap", type=int, default=28)
     p.add_argument("--resume", action="store_true", help="reuse finished runs made with this same protocol")
