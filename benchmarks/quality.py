@@ -41,6 +41,7 @@ from mini_mmt.vlm import ProjectorConfig, embedding_rms  # noqa: E402
 
 import peft_lime  # noqa: E402
 from benchmarks.baselines.mixlora import apply_mixlora  # noqa: E402
+from benchmarks.harness import trainable_parameters as trainable  # noqa: E402
 from benchmarks.quality_common import (  # noqa: E402
     RunLog,
     chance_line,
@@ -80,10 +81,6 @@ def build_lime(model: torch.nn.Module, num_experts: int) -> tuple[torch.nn.Modul
 def build_mixlora(model: torch.nn.Module) -> tuple[torch.nn.Module, AuxFn]:
     collector = apply_mixlora(model, r=RANK, alpha=ALPHA, num_experts=8, top_k=2)
     return model, collector
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def matched_lora_rank(config: Any, state: dict[str, torch.Tensor]) -> int:

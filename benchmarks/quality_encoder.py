@@ -36,6 +36,7 @@ from chat_data import minilm_dir  # noqa: E402
 from mini_mmt import SplitCaps, load_mini_mmt  # noqa: E402
 
 import peft_lime  # noqa: E402
+from benchmarks.harness import trainable_parameters as trainable  # noqa: E402
 from benchmarks.quality_common import (  # noqa: E402
     RunLog,
     chance_line,
@@ -76,10 +77,6 @@ def build(method: str, num_labels: int, rank: int = 8) -> torch.nn.Module:
     if method.startswith("LiME"):
         return get_peft_model(model, peft_lime.LimeConfig(base=lora, num_experts=int(method.split("=")[1])))
     return get_peft_model(model, lora)
-
-
-def trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def encode(tok: Any, batch: Sequence) -> dict[str, torch.Tensor]:
