@@ -5,39 +5,37 @@
 ``KeyError: 'LIME'``.
 """
 
+from . import tuner_deltas  # noqa: F401  (registers the extractors of PEFT's own tuners)
+from .aux_loss import get_aux_loss, set_aux_loss_scale
 from .config import LimeConfig
 from .data import TaskIdsCollator
-from .deltas import register_delta
-from .layer import LimeExperts, LimeLayer
+from .deltas import DeltaExtractor, LowRankDelta, register_delta
+from .experts import LimeExperts
+from .layer import LimeLayer
 from .model import LimeModel, enable_task_ids, find_lime_model
-from .model_card import install_model_card_hooks, update_lime_model_card
+from .model_card import enable_lime_model_card, update_lime_model_card
 from .optim import lime_optimizer, lime_param_groups
-from .registration import ensure_lime_peft_type, register_lime
-from .telemetry import (
-    get_aux_loss,
-    get_routing_stats,
-    reset_routing_stats,
-    set_aux_loss_scale,
-    set_routing_stats_enabled,
-    sync_routing_stats,
-)
+from .peft_type import ensure_lime_peft_type
+from .registration import register_lime
+from .telemetry import get_routing_stats, reset_routing_stats, set_routing_stats_enabled, sync_routing_stats
 
 register_lime()
-install_model_card_hooks()
 
 __version__ = "0.1.0"
 __all__ = [
+    "DeltaExtractor",
     "LimeConfig",
     "LimeExperts",
     "LimeLayer",
     "LimeModel",
+    "LowRankDelta",
     "TaskIdsCollator",
+    "enable_lime_model_card",
     "enable_task_ids",
     "ensure_lime_peft_type",
     "find_lime_model",
     "get_aux_loss",
     "get_routing_stats",
-    "install_model_card_hooks",
     "lime_optimizer",
     "lime_param_groups",
     "register_delta",

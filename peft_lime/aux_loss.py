@@ -1,34 +1,27 @@
-"""Trainer-independent load-balancing loss: its gradient is injected through the activations.
-
-TRL's SFTTrainer rebuilds the loss from log-probs and ignores ``outputs.loss``, so adding the aux term there is
-silently lost. Instead each LiME layer attaches its aux term to its own output with an identity autograd function
-whose backward also sends d(aux)/d(aux) = scale into the aux term's graph (the pattern DeepSeek-MoE and Megatron
-use). Whatever loss the trainer backpropagates through the layer output, the aux gradient arrives with it, once.
-``scale`` is 1 / gradient-accumulation steps, so the aux term is averaged over micro-batches like the LM loss.
-Under gradient checkpointing the function is part of the recomputed graph (reentrant) or of the original graph
-(non-reentrant); either way its backward runs once per micro-batch.
-"""
+"""The load-balancing aux loss seen from the model: its last value and the scale of its injected gradient."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import nn
+
+from .model import find_lime_model
+from .telemetry import lime_layers
 
 
-class _InjectAuxLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, activations: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(aux)
-        ctx.scale = scale
-        return activations.view_as(activations)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (aux,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux, ctx.scale), None
+def get_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """The load-balancing aux loss of the last training forward (detached), summed over layers; None if none."""
+    total = None
+    for _, layer in lime_layers(model):
+        for adapter in layer.active_adapters:
+            stats = layer.lime_stats.get(adapter)
+            if stats is not None and stats.last_aux is not None:
+                total = stats.last_aux if total is None else total + stats.last_aux
+    return total
 
 
-def inject_aux_loss(activations: torch.Tensor, aux: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity on ``activations``; on backward, ``scale * aux`` is added to whatever loss flows through them."""
-    if not aux.requires_grad:
-        return activations
-    return _InjectAuxLoss.apply(activations, aux, scale)
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Scale of the injected aux-loss gradient; set it to 1 / gradient_accumulation_steps (the callbacks do)."""
+    find_lime_model(model).routing_context.aux_loss_scale = float(scale)

@@ -9,14 +9,10 @@ from typing import Any, Literal, Optional, Union
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from .registration import ensure_lime_peft_type
+from .config_checks import build_base_config, check_base_config, check_bool, check_choice, check_float, check_int
+from .peft_type import ensure_lime_peft_type
 
 ensure_lime_peft_type()
-
-# Tuners whose layers are not independent (shared matrices owned by the model) or that are not layer tuners at all.
-_SHARED_STATE_REASON = (
-    "its layers share state owned by the model (shared projection matrices), so LiME cannot wrap one layer at a time"
-)
 
 
 def _jsonable(value: Any) -> Any:
@@ -30,43 +26,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, PeftType) or (hasattr(value, "value") and isinstance(value.value, str)):
         return value.value
     return value
-
-
-def build_base_config(base: PeftConfig | dict) -> PeftConfig:
-    """Rebuild the wrapped tuner's config from its dict form (as saved in adapter_config.json)."""
-    if isinstance(base, PeftConfig):
-        return base
-    if not isinstance(base, dict):
-        raise ValueError(f"base must be a PEFT layer-tuner config or its dict form, got {type(base).__name__}")
-    if "peft_type" not in base:
-        raise ValueError("base: the dict form of the base config needs a 'peft_type' key (e.g. 'LORA')")
-    data = dict(base)
-    data.pop("runtime_config", None)
-    return PeftConfig.from_peft_type(**data)
-
-
-def check_base_config(base: PeftConfig) -> None:
-    """Refuse base configs that LiME cannot wrap, saying why."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
-    peft_type = base.peft_type
-    if peft_type == PeftType.LIME:
-        raise ValueError("base: a LiME config cannot wrap another LiME config")
-    if base.is_prompt_learning or base.is_adaption_prompt:
-        raise ValueError(
-            f"base: {type(base).__name__} is prompt learning, not a layer tuner; LiME modulates the output of adapted "
-            "layers and needs a layer tuner such as LoraConfig, IA3Config, LoHaConfig or LoKrConfig"
-        )
-    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
-    if tuner_cls is None:
-        raise ValueError(f"base: unknown PEFT type {peft_type!r}")
-    if getattr(tuner_cls, "uses_shared_state", False):
-        raise ValueError(f"base: {type(base).__name__} cannot be wrapped by LiME: {_SHARED_STATE_REASON}")
-    if getattr(base, "target_parameters", None):
-        raise ValueError(
-            "base.target_parameters: LiME wraps adapted modules, not bare parameters (e.g. MoE expert weights); "
-            "use target_modules"
-        )
 
 
 @dataclass
@@ -117,7 +76,9 @@ class LimeConfig(PeftConfig):
         },
     )
     selection_temperature: float = field(default=0.5, metadata={"help": "Temperature of the soft selection."})
-    n_gram: int = field(default=1, metadata={"help": "Window length n of n-gram routing (1: every token routes alone)."})
+    n_gram: int = field(
+        default=1, metadata={"help": "Window length n of n-gram routing (1: every token routes alone)."}
+    )
     ngram_mode: Literal["causal", "block"] = field(
         default="causal",
         metadata={
@@ -154,7 +115,8 @@ class LimeConfig(PeftConfig):
         default=0.1, metadata={"help": "Coefficient of the importance (squared CV) balance loss, mean over layers."}
     )
     kl_loss_coef: float = field(
-        default=0.01, metadata={"help": "Coefficient of the KL(mean routing || uniform) balance loss, mean over layers."}
+        default=0.01,
+        metadata={"help": "Coefficient of the KL(mean routing || uniform) balance loss, mean over layers."},
     )
 
     def __post_init__(self) -> None:
@@ -169,33 +131,29 @@ class LimeConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
-
-        for name in ("num_experts", "top_k", "n_gram"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(name, "must be an integer >= 1")
+        """Check every LiME field, raising ValueError("<field>: must be ..."), and store it as a plain Python value."""
+        self.num_experts = check_int("num_experts", self.num_experts)
+        self.top_k = check_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
-            raise bad("top_k", f"must not exceed num_experts={self.num_experts}")
-        if not 0.0 < float(self.auto_topk_threshold) <= 1.0:
-            raise bad("auto_topk_threshold", "must be in (0, 1]")
-        if self.max_active_experts is not None and not (1 <= self.max_active_experts <= self.num_experts):
-            raise bad("max_active_experts", f"must be None or in [1, num_experts={self.num_experts}]")
-        choices = {"selection": ("soft", "hard"), "ngram_mode": ("causal", "block"), "routing_norm": ("token", "batch")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, f"must be one of {allowed}")
-        for name in ("selection_temperature", "temperature"):
-            if not float(getattr(self, name)) > 0.0:
-                raise bad(name, "must be > 0")
-        if not 0.0 <= float(self.routing_gamma) <= 1.0:
-            raise bad("routing_gamma", "must be in [0, 1]")
-        if not 0.0 <= float(self.jitter_noise) < 1.0:
-            raise bad("jitter_noise", "must be in [0, 1)")
+            raise ValueError(f"top_k: must not exceed num_experts={self.num_experts}, got {self.top_k!r}")
+        self.auto_topk = check_bool("auto_topk", self.auto_topk)
+        self.auto_topk_threshold = check_float("auto_topk_threshold", self.auto_topk_threshold, 0, 1, lo_open=True)
+        self.max_active_experts = check_int("max_active_experts", self.max_active_experts, optional=True)
+        if self.max_active_experts is not None and self.max_active_experts > self.num_experts:
+            raise ValueError(
+                f"max_active_experts: must not exceed num_experts={self.num_experts}, got {self.max_active_experts!r}"
+            )
+        self.selection = check_choice("selection", self.selection, ("soft", "hard"))
+        self.selection_temperature = check_float("selection_temperature", self.selection_temperature, 0, lo_open=True)
+        self.n_gram = check_int("n_gram", self.n_gram)
+        self.ngram_mode = check_choice("ngram_mode", self.ngram_mode, ("causal", "block"))
+        self.temperature = check_float("temperature", self.temperature, 0, lo_open=True)
+        self.routing_gamma = check_float("routing_gamma", self.routing_gamma, 0, 1)
+        self.routing_norm = check_choice("routing_norm", self.routing_norm, ("token", "batch"))
+        self.jitter_noise = check_float("jitter_noise", self.jitter_noise, 0, 1, hi_open=True)
+        self.shared_expert = check_bool("shared_expert", self.shared_expert)
         for name in ("expert_init_std", "importance_loss_coef", "kl_loss_coef"):
-            if float(getattr(self, name)) < 0.0:
-                raise bad(name, "must be >= 0")
+            setattr(self, name, check_float(name, getattr(self, name), 0))
 
     # --- delegation to the base config -------------------------------------------------------------------------
     # PEFT, Transformers and TRL read (and TRL even writes) target_modules, modules_to_save, bias, ... directly on the

@@ -14,17 +14,13 @@ from typing import Any, Optional
 
 import torch
 
+from .decode_state import DecodeWindows
+from .layout import TokenLayout
 from .routing import segment_ids_from_positions
 
-
-@dataclass
-class TokenLayout:
-    """Token layout of one layer input of shape (B, T, ...): validity, packed-sequence ids, in-sequence positions."""
-
-    valid: Optional[torch.Tensor]  # (B, T) bool, False for padding
-    segments: Optional[torch.Tensor]  # (B, T) sequence id inside a packed row
-    positions: Optional[torch.Tensor]  # (B, T) position inside its own sequence
-    continuing: bool  # True when these tokens extend a cached sequence (decoding with KV cache)
+# Names under which transformers hands the KV cache to a model's forward: ``cache`` since 5.24 (``past_key_values``
+# is then a deprecated alias), ``past_key_values`` before.
+CACHE_KWARGS = ("cache", "past_key_values")
 
 
 @dataclass
@@ -41,11 +37,10 @@ class RoutingContext:
     aux_loss_scale: float = 1.0
     # Number of LiME layers per adapter: the aux loss is a mean over layers.
     layers_per_adapter: dict[str, int] = field(default_factory=dict)
-    # Cached decoding with n-gram windows: the last n-1 routing logits (and validity) of every sequence, per LiME
-    # layer and adapter. They belong to the sequences in the KV cache, so they follow it (see follow_cache).
-    decode_tails: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # Why the tails no longer match the cache (e.g. it was cropped), for the error of the next decoding step.
-    decode_tails_lost: Optional[str] = None
+    # Cached decoding with n-gram windows (decode_state.py); the cache is followed only when some adapter of the
+    # model has n_gram > 1 (LimeModel keeps this flag up to date).
+    windows: DecodeWindows = field(default_factory=DecodeWindows)
+    track_windows: bool = False
 
     def clear(self) -> None:
         self.batch_size, self.new_tokens, self.layout, self.task_ids = -1, -1, None, None
@@ -61,11 +56,12 @@ class RoutingContext:
             self.clear()
             return
         B, T = ref.shape[0], ref.shape[1]
-        continuing = _past_length(kwargs) > 0
-        if not continuing:  # a new sequence starts: earlier decoding windows no longer apply
-            self.decode_tails.clear()
-            self.decode_tails_lost = None
-        self.follow_cache(kwargs.get("past_key_values"))
+        cache = cache_from_kwargs(kwargs)
+        continuing = past_length(kwargs, cache) > 0
+        if not continuing:
+            self.windows.start()
+        if self.track_windows:
+            self.windows.follow(cache)
         mask = kwargs.get("attention_mask")
         valid = None
         if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= T:
@@ -82,49 +78,6 @@ class RoutingContext:
         self.batch_size, self.new_tokens = B, T
         self.layout = TokenLayout(valid=valid, segments=segments, positions=positions, continuing=continuing)
 
-    def follow_cache(self, cache: Any) -> None:
-        """Make the kept routing windows follow what ``generate`` does to the KV cache object.
-
-        Beam search reorders the cache rows, contrastive search and ``num_return_sequences`` select or repeat them:
-        the windows are reordered the same way. Assisted decoding crops the cache, which would need logits that were
-        never kept: the windows are marked lost and the next decoding step raises a clear error instead of routing
-        with the wrong tokens. The cache object's methods are wrapped on the instance, once.
-        """
-        if cache is None or not hasattr(cache, "reorder_cache") or cache.__dict__.get("_lime_context") is self:
-            return
-        cache.__dict__["_lime_context"] = self
-
-        def follow(method_name: str, update) -> None:
-            original = getattr(cache, method_name, None)
-            if original is None:
-                return
-
-            def wrapped(arg):
-                result = original(arg)
-                update(arg)
-                return result
-
-            setattr(cache, method_name, wrapped)
-
-        def select(indices: torch.Tensor) -> None:
-            for key, (logits, valid) in self.decode_tails.items():
-                idx = indices.to(logits.device)
-                self.decode_tails[key] = (logits.index_select(0, idx), valid.index_select(0, idx))
-
-        def repeat(repeats: int) -> None:
-            for key, (logits, valid) in self.decode_tails.items():
-                self.decode_tails[key] = (logits.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0))
-
-        def lose(_: Any) -> None:
-            if self.decode_tails:
-                self.decode_tails.clear()
-                self.decode_tails_lost = "the KV cache was cropped (assisted or speculative decoding)"
-
-        follow("reorder_cache", select)
-        follow("batch_select_indices", select)
-        follow("batch_repeat_interleave", repeat)
-        follow("crop", lose)
-
     def layout_for(self, x: torch.Tensor) -> Optional[TokenLayout]:
         """The layout of a layer input, or None when it is not laid out like the model's tokens."""
         if self.layout is None or x.dim() < 3:
@@ -134,16 +87,25 @@ class RoutingContext:
         return self.layout
 
 
-def _past_length(kwargs: dict[str, Any]) -> int:
+def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
+    """The KV cache object of a forward call, whichever name transformers used for it."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def past_length(kwargs: dict[str, Any], cache: Any) -> int:
+    """Number of tokens already in the cache before this call (0: a new sequence starts)."""
     cache_position = kwargs.get("cache_position")
     if torch.is_tensor(cache_position) and cache_position.numel() > 0:
         return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
-    if past is None:
+    if cache is None:
         return 0
-    get_len = getattr(past, "get_seq_length", None)
+    get_len = getattr(cache, "get_seq_length", None)
     if get_len is not None:
         return int(get_len())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuple cache
-        return int(past[0][0].shape[-2])
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
+        return int(cache[0][0].shape[-2])
     return 0

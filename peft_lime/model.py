@@ -7,16 +7,20 @@ exactly as the base tuner would, then wraps each adapted layer in a LimeLayer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import LimeConfig
 from .context import RoutingContext
-from .layer import MERGE_ERROR, LimeLayer
-from .registration import LIME_PREFIX
+from .decode_state import ASSISTED_DECODING_ERROR, CANDIDATE_DECODING_KWARGS
+from .layer import ADAPTER_NAMES_ERROR, MERGE_ERROR, LimeLayer, check_wrappable
+from .load_checks import check_lime_keys
+from .peft_type import LIME_PREFIX
 
 
 def _base_tuner_cls(config: LimeConfig) -> type[BaseTuner]:
@@ -50,7 +54,38 @@ class LimeModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: LimeConfig, adapter_name: str) -> None:
         # Mask, positions and cache state reach the layers through a pre-hook on the wrapped model, so they are
         # seen by every forward, including the ones generate() makes, without wrapping the user's forward.
-        self.__dict__["_hook_handle"] = model.register_forward_pre_hook(self._capture_routing_inputs, with_kwargs=True)
+        if self.__dict__.get("_hook_handle") is None:
+            self.__dict__["_hook_handle"] = model.register_forward_pre_hook(
+                self._capture_routing_inputs, with_kwargs=True
+            )
+        self._update_window_tracking()
+
+    def _update_window_tracking(self) -> None:
+        # The KV cache is followed (its methods wrapped) only when some adapter routes with n-gram windows.
+        self.routing_context.track_windows = any(conf.n_gram > 1 for conf in self.peft_config.values())
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # A failed injection (a target LiME cannot wrap, a variant without delta, ...) must leave the model as it
+        # was: PEFT replaces targets one by one, so the layers already created for this adapter are removed again.
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            remove_partial_adapter(model, adapter_name)
+            self.routing_context.layers_per_adapter.pop(adapter_name, None)
+            raise
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # PeftModel.forward / generate hand their kwargs here first and then drop ``adapter_names`` before the base
+        # model sees it: refuse it here, or the batch would silently run with the active adapter.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(ADAPTER_NAMES_ERROR)
+        n_gram = max((self.peft_config[name].n_gram for name in self.active_adapters), default=1)
+        if n_gram > 1:
+            for option in CANDIDATE_DECODING_KWARGS:
+                if kwargs.get(option) is not None:
+                    raise ValueError(ASSISTED_DECODING_ERROR.format(n_gram=n_gram, option=option))
+        yield
 
     def _capture_routing_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
@@ -114,16 +149,18 @@ class LimeModel(BaseTuner):
                 lime_config.base, adapter_name, target.base_layer, "base_layer", target, current_key=current_key
             )
             target.update_layer(adapter_name, lime_config)
-            return
-        inner._create_and_replace(lime_config.base, adapter_name, target, target_name, parent, current_key=current_key)
-        tuner_layer = getattr(parent, target_name)
-        new_module = LimeLayer(tuner_layer, adapter_name, lime_config, self.routing_context, layer_name=current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.lime_experts.requires_grad_(False)
-        setattr(parent, target_name, new_module)
-        self.routing_context.layers_per_adapter[adapter_name] = (
-            self.routing_context.layers_per_adapter.get(adapter_name, 0) + 1
-        )
+        else:
+            check_wrappable(target, current_key)  # before the base tuner replaces anything
+            inner._create_and_replace(
+                lime_config.base, adapter_name, target, target_name, parent, current_key=current_key
+            )
+            tuner_layer = getattr(parent, target_name)
+            new_module = LimeLayer(tuner_layer, adapter_name, lime_config, self.routing_context, current_key)
+            if adapter_name not in self.active_adapters:
+                new_module.lime_experts.requires_grad_(False)
+            setattr(parent, target_name, new_module)
+        counts = self.routing_context.layers_per_adapter
+        counts[adapter_name] = counts.get(adapter_name, 0) + 1
 
     # --- adapter lifecycle --------------------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
@@ -131,6 +168,7 @@ class LimeModel(BaseTuner):
         self.routing_context.layers_per_adapter.pop(adapter_name, None)
         for inner in self._inner_tuners.values():
             inner.peft_config.pop(adapter_name, None)
+        self._update_window_tracking()
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)
@@ -160,7 +198,11 @@ class LimeModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        return _base_tuner_cls(config)._remap_adapter_state_dict_for_load(model, config.base, adapter_name, state_dict)
+        remapped = _base_tuner_cls(config)._remap_adapter_state_dict_for_load(
+            model, config.base, adapter_name, state_dict
+        )
+        check_lime_keys(model, config, adapter_name, remapped)
+        return remapped
 
 
 # Name segments that wrapper modules add to module names but that their state_dict() hooks remove from keys.
@@ -181,6 +223,21 @@ class _StateDictNamesView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
+
+
+def remove_partial_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo a failed injection of ``adapter_name``: layers that held only it go back to their frozen base layer,
+    layers shared with other adapters drop it (LiME layers first, then base-tuner layers not yet wrapped)."""
+    for wrapper_cls in (LimeLayer, BaseTunerLayer):
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, wrapper_cls) or adapter_name not in module._all_available_adapter_names():
+                continue
+            if module._all_available_adapter_names() == [adapter_name]:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, module.get_base_layer())
+            else:
+                module.delete_adapter(adapter_name)
 
 
 def find_lime_model(model: nn.Module) -> LimeModel:

@@ -1,27 +1,32 @@
-"""LiME section of the model card (README.md) written by ``save_pretrained`` and ``push_to_hub``.
+"""LiME section of the model card (README.md), written explicitly or by an enabled LiME PeftModel.
 
-PeftModel writes the card itself (``PeftModel.create_or_update_model_card``, called by ``save_pretrained``) and has no
-extension point for a tuner to add its own section: the tuner (LimeModel) is not consulted. So this module wraps
-two PeftModel methods, once, at ``import peft_lime`` (the import is required to use LiME anyway):
+PeftModel writes the card itself (``create_or_update_model_card``, called by ``save_pretrained``) and has no extension
+point for a tuner: LimeModel is built inside ``PeftModel.__init__`` and is never handed its PeftModel, so the tuner
+cannot add a section on its own. Patching PeftModel's class at ``import peft_lime`` would change every PeftModel in
+the process, LiME or not, and would rely on transformers' private upload method. Instead:
 
-- ``create_or_update_model_card``: runs PEFT's own card update, then adds or refreshes the LiME section;
-- ``_upload_modified_files`` (from transformers' PushToHubMixin): ``push_to_hub`` saves the adapter to a temporary
-  folder and then OVERWRITES README.md with the card loaded from the Hub (or a generic template), which would drop
-  every line PEFT and LiME wrote; the wrapper re-applies the card update just before the upload.
+- ``update_lime_model_card(peft_model, output_dir, repo_id=None)`` adds or refreshes the section of a saved folder;
+- ``enable_lime_model_card(peft_model)`` makes that ONE PeftModel write it, like ``enable_task_ids``: it binds two
+  methods on the instance (its ``__dict__``), so the class and every other PeftModel are untouched, and a deepcopy
+  keeps them bound to the copy. ``create_or_update_model_card`` runs PEFT's own update, then adds the section.
+  ``_upload_modified_files`` (transformers' PushToHubMixin) is overridden too because ``push_to_hub`` saves the adapter
+  to a temporary folder, then OVERWRITES README.md with the card loaded from the Hub (or a generic template), and
+  uploads right after: that call is the only point between the two where the card can be fixed. The override redoes
+  PEFT's and LiME's updates on that card (with the repo id in the loading recipe) and calls the inherited method.
 
-Both wrappers delegate unchanged for models without a LiME adapter. The section sits between HTML comment markers,
-so saving again replaces it instead of appending a copy, and text the user added elsewhere in the card is kept.
+The section sits between HTML comment markers, so saving again replaces it (and collapses duplicates) while text the
+user added elsewhere is kept. User data (adapter names, repo and base-model ids, config values) is written as escaped
+literals that cannot contain a newline, a backtick, ``<`` or ``>``: it can neither break out of the Python snippet or a
+code span nor forge a marker.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
+import re
+import types
 from typing import Any, Optional
-
-logger = logging.getLogger(__name__)
 
 BEGIN = "<!-- peft-lime: begin -->"
 END = "<!-- peft-lime: end -->"
@@ -54,6 +59,13 @@ _AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
 _BASE_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "alpha", "rank_dropout", "target_modules")
+# One LiME section; for later ones, the blank lines before them go too.
+_SECTION = re.compile(f"{re.escape(BEGIN)}.*?{re.escape(END)}", re.DOTALL)
+_LATER_SECTION = re.compile(f"\\n*{_SECTION.pattern}", re.DOTALL)
+# Characters that JSON leaves raw but Markdown gives a meaning to (code spans, HTML comments): written as \u escapes.
+_MARKDOWN_SAFE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "`<>\x7f"})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_PYTHON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _lime_configs(peft_model: Any) -> dict[str, Any]:
@@ -70,6 +82,34 @@ def _base_model_id(peft_model: Any) -> Optional[str]:
     return None
 
 
+def _jsonable(value: Any) -> Any:
+    return sorted(value, key=str) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _json_literal(value: Any) -> str:
+    """``value`` as JSON in printable ASCII without a backtick, ``<`` or ``>``; ``json.loads`` gives it back."""
+    return json.dumps(value, default=_jsonable).translate(_MARKDOWN_SAFE)
+
+
+def _python_literal(value: str) -> str:
+    """``value`` as a double-quoted Python string literal in printable ASCII without a backtick, ``<`` or ``>``."""
+    chars = []
+    for char in value:
+        code = ord(char)
+        if char in _PYTHON_ESCAPES:
+            chars.append(_PYTHON_ESCAPES[char])
+        elif 0x20 <= code < 0x7F and char not in "`<>":
+            chars.append(char)
+        else:
+            chars.append(f"\\x{code:02x}" if code < 0x100 else char.encode("unicode_escape").decode("ascii"))
+    return '"' + "".join(chars) + '"'
+
+
+def _code_span(name: str) -> str:
+    """A Markdown code span showing ``name``: as is when plain, else as a JSON string literal."""
+    return f"`{name if _PLAIN_NAME.fullmatch(name) else _json_literal(name)}`"
+
+
 def lime_card_section(configs: dict[str, Any], repo_id: Optional[str] = None, base_model: Optional[str] = None) -> str:
     """Markdown for the LiME section: method, base adapter config, experts and routing settings, how to load."""
     lines = [BEGIN, "## LiME adapter (Lightweight Mixture of Experts)", ""]
@@ -82,15 +122,16 @@ def lime_card_section(configs: dict[str, Any], repo_id: Optional[str] = None, ba
         base = conf.base
         base_dict = {k: v for k, v in base.to_dict().items() if k in _BASE_FIELDS and v is not None}
         base_type = getattr(base.peft_type, "value", str(base.peft_type))
-        lines += ["", f"### Adapter `{name}`", ""]
+        lines += ["", f"### Adapter {_code_span(name)}", ""]
         lines.append(f"- base adapter: `{type(base).__name__}` (peft_type `{base_type}`)")
         for key, value in base_dict.items():
-            lines.append(f"  - {key}: `{json.dumps(value, default=str)}`")
+            lines.append(f"  - {key}: `{_json_literal(value)}`")
         lines.append(f"- number of experts: **{conf.num_experts}**")
         routing = ", ".join(f"{k}={getattr(conf, k)!r}" for k in _ROUTING_FIELDS if k != "num_experts")
-        lines.append(f"- routing settings: {routing}")
+        lines.append(f"- routing settings: {routing.translate(_MARKDOWN_SAFE)}")
         lines.append('- the full configuration (nested `base`) is in `adapter_config.json` (`"peft_type": "LIME"`)')
-    where = repo_id or "<this repository or folder>"
+    where = _python_literal(repo_id) if repo_id else '"<this repository or folder>"'
+    base_model = _python_literal(base_model) if base_model else '"<base model>"'
     task_type = next((getattr(c, "task_type", None) for c in configs.values() if getattr(c, "task_type", None)), None)
     model_class = _AUTO_CLASSES.get(getattr(task_type, "value", task_type), "AutoModel")
     lines += [
@@ -105,8 +146,8 @@ def lime_card_section(configs: dict[str, Any], repo_id: Optional[str] = None, ba
         "from peft import PeftModel",
         f"from transformers import {model_class}",
         "",
-        f'base = {model_class}.from_pretrained("{base_model or "<base model>"}")',
-        f'model = PeftModel.from_pretrained(base, "{where}")',
+        f"base = {model_class}.from_pretrained({base_model})",
+        f"model = PeftModel.from_pretrained(base, {where})",
         "```",
         "",
         "LiME adapters cannot be merged into the base weights (routing depends on the input): keep them unmerged.",
@@ -115,8 +156,19 @@ def lime_card_section(configs: dict[str, Any], repo_id: Optional[str] = None, ba
     return "\n".join(lines)
 
 
+def _with_section(text: str, section: str) -> str:
+    """``text`` with ``section`` in place of its first LiME section (others removed), or appended when it has none."""
+    first = _SECTION.search(text)
+    if first is None:
+        return text.rstrip() + "\n\n" + section + "\n"
+    return text[: first.start()] + section + _LATER_SECTION.sub("", text[first.end() :])
+
+
 def update_lime_model_card(peft_model: Any, output_dir: str, repo_id: Optional[str] = None) -> bool:
-    """Add or refresh the LiME section and tags of ``output_dir/README.md``; False when the model has no LiME adapter."""
+    """Add or refresh the LiME section and tags of ``output_dir/README.md``; False when the model has no LiME adapter.
+
+    ``repo_id`` (the Hub repository, if any) goes into the card's loading recipe.
+    """
     configs = _lime_configs(peft_model)
     if not configs:
         return False
@@ -126,43 +178,33 @@ def update_lime_model_card(peft_model: Any, output_dir: str, repo_id: Optional[s
     card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())
     tags = list(card.data.tags or [])
     card.data.tags = tags + [t for t in TAGS if t not in tags]
-    text = card.text
     section = lime_card_section(configs, repo_id=repo_id, base_model=_base_model_id(peft_model))
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    card.text = text
+    card.text = _with_section(card.text, section)
     card.save(filename)
     return True
 
 
-def install_model_card_hooks() -> None:
-    """Wrap PeftModel's card writing and Hub upload once (idempotent); see the module docstring for why."""
-    from peft import PeftModel
+def _create_or_update_model_card(self: Any, output_dir: str) -> None:
+    type(self).create_or_update_model_card(self, output_dir)  # PEFT's own update
+    update_lime_model_card(self, output_dir)
 
-    original_card = PeftModel.create_or_update_model_card
-    if not getattr(original_card, "_peft_lime_wrapped", False):
 
-        @functools.wraps(original_card)
-        def create_or_update_model_card(self, output_dir: str):
-            original_card(self, output_dir)
-            update_lime_model_card(self, output_dir)
+def _upload_modified_files(self: Any, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+    # push_to_hub replaced the README.md written by save_pretrained with the Hub's card: update that one.
+    type(self).create_or_update_model_card(self, working_dir)
+    update_lime_model_card(self, working_dir, repo_id=repo_id)
+    return type(self)._upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
 
-        create_or_update_model_card._peft_lime_wrapped = True
-        PeftModel.create_or_update_model_card = create_or_update_model_card
 
-    original_upload = PeftModel._upload_modified_files
-    if not getattr(original_upload, "_peft_lime_wrapped", False):
+def enable_lime_model_card(peft_model: Any) -> None:
+    """Make ``save_pretrained`` and ``push_to_hub`` of this LiME PeftModel write the LiME section (idempotent).
 
-        @functools.wraps(original_upload)
-        def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-            if _lime_configs(self):
-                # push_to_hub replaced the README written by save_pretrained with the Hub's card: update that one.
-                self.create_or_update_model_card(working_dir)
-                update_lime_model_card(self, working_dir, repo_id=repo_id)
-            return original_upload(self, working_dir, repo_id, *args, **kwargs)
-
-        _upload_modified_files._peft_lime_wrapped = True
-        PeftModel._upload_modified_files = _upload_modified_files
+    Only this instance changes (see the module docstring); without it, call ``update_lime_model_card`` after saving.
+    """
+    if not _lime_configs(peft_model):
+        raise ValueError("peft_model: no LiME adapter found (expected a PeftModel with a LimeConfig adapter)")
+    for name, method in (
+        ("create_or_update_model_card", _create_or_update_model_card),
+        ("_upload_modified_files", _upload_modified_files),
+    ):
+        peft_model.__dict__[name] = types.MethodType(method, peft_model)

@@ -3,8 +3,8 @@
 Written with plain ops, autograd would save both (N, d) factors of the product: the modulation (for the gradient of
 delta) and delta (for the gradients of mix, W and the offset), two activations per wrapped layer that plain LoRA does
 not have (+22% peak training memory in the efficiency benchmark). Here the modulation is recomputed in backward from
-the (N, E) mix (one small addmm), and for plain LoRA delta is recomputed too, from the (N, r) LoRA hidden state and
-B: nothing of size (N, d) is saved at all. Outside autograd (inference, decoding) the plain ops run directly.
+the (N, E) mix (one small addmm), and for a low-rank delta (plain LoRA; see deltas.LowRankDelta) delta is recomputed
+too, from the (N, r) hidden state and B: nothing of size (N, d) is saved at all. Outside autograd (inference, decoding) the plain ops run directly.
 """
 
 from __future__ import annotations
@@ -14,25 +14,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .deltas import LowRankDelta
 
-def _lora_delta(a: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+
+def _low_rank_delta(a: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     """s * B a, in the output dtype: the same ops (and rounding) as PEFT's ``lora_B(a) * scaling``."""
     return (F.linear(a, B) * scaling).to(dtype)
 
 
 class _Modulate(torch.autograd.Function):
-    """y = out + delta * (offset + mix @ W); delta given (saved) or as LoRA factors (a, B, scaling), recomputed."""
+    """y = out + delta * (offset + mix @ W); delta given (saved) or as low-rank factors (a, B, scaling), recomputed."""
 
     @staticmethod
     def forward(ctx, out, mix, weight, offset, delta, a, B, scaling):
-        lora = delta is None
-        if lora:
-            delta = _lora_delta(a, B, scaling, out.dtype)
+        low_rank = delta is None
+        if low_rank:
+            delta = _low_rank_delta(a, B, scaling, out.dtype)
         d = out.shape[-1]
         modulation = torch.addmm(offset, mix, weight)
         y = torch.addcmul(out.reshape(-1, d), delta.reshape(-1, d), modulation).view(out.shape)
-        ctx.lora, ctx.scaling, ctx.out_dtype = lora, scaling, out.dtype
-        ctx.save_for_backward(mix, weight, offset, *((a, B) if lora else (delta,)))
+        ctx.low_rank, ctx.scaling, ctx.out_dtype = low_rank, scaling, out.dtype
+        ctx.save_for_backward(mix, weight, offset, *((a, B) if low_rank else (delta,)))
         return y
 
     @staticmethod
@@ -40,9 +42,9 @@ class _Modulate(torch.autograd.Function):
         mix, weight, offset, *rest = ctx.saved_tensors
         d = grad_y.shape[-1]
         g = grad_y.reshape(-1, d)
-        if ctx.lora:
+        if ctx.low_rank:
             a, B = rest
-            delta = _lora_delta(a, B, ctx.scaling, ctx.out_dtype).reshape(-1, d)
+            delta = _low_rank_delta(a, B, ctx.scaling, ctx.out_dtype).reshape(-1, d)
         else:
             delta = rest[0].reshape(-1, d)
         need = ctx.needs_input_grad
@@ -56,7 +58,7 @@ class _Modulate(torch.autograd.Function):
             del gm
         if need[4] or need[5] or need[6]:
             gd = g * torch.addmm(offset, mix, weight)
-            if not ctx.lora:
+            if not ctx.low_rank:
                 grad_delta = gd.view(rest[0].shape)
             else:
                 # Backward of (F.linear(a, B) * s).to(dtype), as autograd would run it.
@@ -74,14 +76,14 @@ def modulate(
     offset: torch.Tensor,
     *,
     delta: Optional[torch.Tensor] = None,
-    lora: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+    low_rank: Optional[LowRankDelta] = None,
 ) -> torch.Tensor:
-    """out + delta * (offset + mix @ weight), delta given or as LoRA factors (a, B, scaling). mix: (N, E) with N the
-    number of tokens of out; weight: (E, d); offset: (d,); all in out's dtype (LoRA factors in their own)."""
-    a, B, scaling = lora if lora is not None else (None, None, 1.0)
+    """out + delta * (offset + mix @ weight), delta given or as low-rank factors. mix: (N, E) with N the number of
+    tokens of out; weight: (E, d); offset: (d,); all in out's dtype (the factors in their own)."""
+    a, B, scaling = low_rank if low_rank is not None else (None, None, 1.0)
     if torch.is_grad_enabled():
         return _Modulate.apply(out, mix, weight, offset, delta, a, B, scaling)
     if delta is None:
-        delta = _lora_delta(a, B, scaling, out.dtype)
+        delta = _low_rank_delta(a, B, scaling, out.dtype)
     modulation = torch.addmm(offset, mix, weight)
     return torch.addcmul(out, delta, modulation.view(delta.shape))

@@ -249,10 +249,13 @@ def balance_terms(probs: torch.Tensor, valid: torch.Tensor | None) -> tuple[torc
     E = probs.shape[-1]
     if valid is not None:
         w = valid.to(probs.dtype)
-        pbar = (w @ probs) / w.sum().clamp_min(1.0)
+        n_valid = w.sum()
+        pbar = (w @ probs) / n_valid.clamp_min(1.0)
+        # No valid token (an all-padding call): pbar is 0 and both terms are 0, not importance = -1.
+        importance = (torch.dot(pbar, pbar) * E - 1.0) * (n_valid > 0).to(probs.dtype)
     else:
         pbar = probs.mean(0)
-    importance = torch.dot(pbar, pbar) * E - 1.0
+        importance = torch.dot(pbar, pbar) * E - 1.0
     kl = torch.dot(pbar, torch.log(pbar.clamp_min(1e-12) * E))
     return importance, kl, pbar
 

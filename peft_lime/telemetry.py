@@ -1,170 +1,26 @@
-"""Routing statistics readable by callbacks and users, accumulated on device and read only when asked.
+"""Routing telemetry of a model: read, reset, pause and sum over ranks the statistics of every LiME layer.
 
-Each LiME layer owns one ``RoutingStats`` per adapter. Recording is a handful of in-place tensor ops per layer and
-call, with no host-device synchronisation; ``get_routing_stats`` turns the sums into Python numbers (one sync) and
-can reset them, which is what a logging callback does at each logging step.
+Each LiME layer owns one ``RoutingStats`` per adapter (stats.py). ``get_routing_stats`` turns their sums into Python
+numbers (one sync) and can reset them, which is what a logging callback does at each logging step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .routing import normalized_entropy
+from .layer import LimeLayer
 
-# Capacity of the per-task usage table (task ids are small integers put in batches by the collator).
-MAX_TASKS = 256
-# Recording only keeps references to the call's (N, E) tensors and folds them into the sums in batches: about twenty
-# small ops per fold instead of per layer call, which dominated cached decoding (one token per call). Bounds on what
-# waits: tokens (memory: N x E floats each) and calls.
-MAX_PENDING_TOKENS = 2048
-MAX_PENDING_CALLS = 256
+# The per-layer scalar statistics that the aggregate averages over layers (and callbacks log).
+SCALAR_KEYS = ("routing_entropy", "active_experts", "load_imbalance", "importance_loss", "kl_loss")
 
 
-class RoutingStats:
-    """Sums over all recorded tokens since the last reset (padding excluded)."""
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-        self._sums: Optional[dict[str, torch.Tensor]] = None
-        # A training callback pauses recording between optimizer steps, so evaluation forwards made during training
-        # do not mix into the training statistics (see ``set_routing_stats_enabled``).
-        self.enabled = True
-        self.last_aux: Optional[torch.Tensor] = None
-        self.last_importance: Optional[torch.Tensor] = None
-        self.last_kl: Optional[torch.Tensor] = None
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
-        self._pending_tokens = 0
-
-    def reset(self) -> None:
-        self._sums = None
-        self._pending, self._pending_tokens = [], 0
-
-    def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
-        if self._sums is None:
-            E = self.num_experts
-            z = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
-            self._sums = {
-                "tokens": z(()),
-                "calls": z(()),
-                "entropy": z(()),
-                "active": z(()),
-                "probs": z(E),
-                "load": z(E),
-                "importance": z(()),
-                "kl": z(()),
-                "task_probs": z(MAX_TASKS, E),
-                "task_tokens": z(MAX_TASKS),
-                # Tokens by number of selected experts (0..E): the Auto Top-K histogram.
-                "active_hist": z(E + 1),
-            }
-        return self._sums
-
-    @torch.no_grad()
-    def record(
-        self,
-        probs: torch.Tensor,
-        selected: torch.Tensor,
-        valid: Optional[torch.Tensor],
-        importance: Optional[torch.Tensor] = None,
-        kl: Optional[torch.Tensor] = None,
-        token_tasks: Optional[torch.Tensor] = None,
-    ) -> None:
-        """probs / selected: (N, E); valid: (N,) bool or None; token_tasks: (N,) task id per token or None.
-
-        importance / kl are accepted for compatibility and not used: the per-call balance terms are recomputed from
-        probs and valid when folding (the definition of ``routing.balance_terms``), so callers need not compute them
-        outside training.
-        """
-        if not self.enabled:
-            return
-        self._pending.append((probs.detach() if probs.requires_grad else probs, selected, valid, token_tasks))
-        self._pending_tokens += probs.shape[0]
-        if self._pending_tokens >= MAX_PENDING_TOKENS or len(self._pending) >= MAX_PENDING_CALLS:
-            self._fold()
-
-    @torch.no_grad()
-    def _fold(self) -> None:
-        """Add the pending calls to the sums: one batch of ops for all of them, no host-device sync."""
-        entries, self._pending, self._pending_tokens = self._pending, [], 0
-        if not entries:
-            return
-        E, K = self.num_experts, len(entries)
-        probs = torch.cat([e[0].reshape(-1, E) for e in entries]).float()
-        device, counts = probs.device, [e[0].numel() // E for e in entries]
-        s = self._buffers(device)
-        selected = torch.cat([e[1].reshape(-1, E) for e in entries])
-        if all(e[2] is None for e in entries):
-            w = torch.ones(probs.shape[0], device=device)
-        else:
-            w = torch.cat(
-                [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]
-            )
-        # Call index of every token, for the per-call balance terms.
-        if len(set(counts)) == 1:
-            call = torch.arange(K, device=device).repeat_interleave(counts[0])
-        else:
-            call = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
-        pw = probs * w[:, None]
-        per_call = torch.zeros(K, E + 1, device=device).index_add_(0, call, torch.cat([pw, w[:, None]], 1))
-        pbar = per_call[:, :E] / per_call[:, E:].clamp_min(1.0)
-        s["importance"] += (E * pbar.square().sum(-1) - 1.0).sum()
-        s["kl"] += (pbar * torch.log(pbar.clamp_min(1e-12) * E)).sum()
-        s["tokens"] += w.sum()
-        s["calls"] += K
-        s["entropy"] += normalized_entropy(probs) @ w
-        n_active = selected.sum(-1)
-        s["active"] += n_active.float() @ w
-        s["active_hist"].index_add_(0, n_active.reshape(-1).long(), w)
-        s["probs"] += pw.sum(0)
-        s["load"] += w @ selected.float()
-        if any(e[3] is not None for e in entries):
-            tasks = torch.cat(
-                [
-                    e[3].reshape(-1) if e[3] is not None else torch.full((n,), -1, device=device)
-                    for e, n in zip(entries, counts)
-                ]
-            ).to(device=device, dtype=torch.long)
-            wt = w * (tasks >= 0)
-            tasks = tasks.clamp(0, MAX_TASKS - 1)
-            s["task_probs"].index_add_(0, tasks, probs * wt[:, None])
-            s["task_tokens"].index_add_(0, tasks, wt)
-
-    def summary(self) -> Optional[dict[str, Any]]:
-        """Python numbers (one device sync); None when nothing was recorded."""
-        self._fold()
-        if self._sums is None:
-            return None
-        s = {k: v.cpu() for k, v in self._sums.items()}
-        tokens = max(float(s["tokens"]), 1.0)
-        calls = max(float(s["calls"]), 1.0)
-        load = s["load"] / tokens
-        usage = load / load.sum().clamp_min(1e-12)
-        seen = s["task_tokens"] > 0
-        out = {
-            "tokens": float(s["tokens"]),
-            "routing_entropy": float(s["entropy"]) / tokens,
-            "active_experts": float(s["active"]) / tokens,
-            "mean_probs": (s["probs"] / tokens).tolist(),
-            "load": usage.tolist(),
-            "load_imbalance": float(usage.max() / usage.mean().clamp_min(1e-12)),
-            "importance_loss": float(s["importance"]) / calls,
-            "kl_loss": float(s["kl"]) / calls,
-            "task_usage": {
-                int(t): (s["task_probs"][t] / s["task_tokens"][t]).tolist() for t in torch.nonzero(seen).flatten()
-            },
-            "task_tokens": {int(t): float(s["task_tokens"][t]) for t in torch.nonzero(seen).flatten()},
-            "active_histogram": s["active_hist"].tolist(),
-        }
-        return out
-
-
-def _lime_layers(model: nn.Module):
-    from .layer import LimeLayer
-
+def lime_layers(model: nn.Module) -> Iterator[tuple[str, LimeLayer]]:
+    """(name, layer) of every LiME layer of ``model``; names without the PeftModel prefix."""
     for name, module in model.named_modules():
         if isinstance(module, LimeLayer):
             yield name.removeprefix("base_model.model."), module
@@ -185,13 +41,11 @@ def sync_routing_stats(model: nn.Module, group: Optional[Any] = None) -> bool:
         return False
     buffers: list[torch.Tensor] = []
     # named_modules order is the same on every rank (same model code), so the flattened layouts line up.
-    for _, layer in _lime_layers(model):
+    for _, layer in lime_layers(model):
         for adapter in sorted(layer.lime_stats):
-            stats = layer.lime_stats[adapter]
-            stats._fold()
             # A rank that recorded nothing still takes part, with zeros on the device the experts live on.
             device = next(layer.lime_experts[adapter].parameters()).device
-            buffers += list(stats._buffers(device).values())
+            buffers += list(layer.lime_stats[adapter].sums(device).values())
     if not buffers:
         return False
     flat = torch.cat([b.reshape(-1) for b in buffers])
@@ -214,7 +68,7 @@ def get_routing_stats(model: nn.Module, adapter_name: Optional[str] = None, rese
     """
     layers: dict[str, Any] = {}
     coefs = None
-    for name, layer in _lime_layers(model):
+    for name, layer in lime_layers(model):
         names = [adapter_name] if adapter_name else list(layer.active_adapters)
         for adapter in names:
             stats = layer.lime_stats.get(adapter)
@@ -235,8 +89,7 @@ def aggregate_layer_stats(layers: dict[str, Any], coefs: Optional[tuple[float, f
     if not layers:
         return {}
     values = list(layers.values())
-    keys = ("routing_entropy", "active_experts", "load_imbalance", "importance_loss", "kl_loss")
-    out: dict[str, Any] = {k: sum(v[k] for v in values) / len(values) for k in keys}
+    out: dict[str, Any] = {k: sum(v[k] for v in values) / len(values) for k in SCALAR_KEYS}
     imp_coef, kl_coef = coefs or (0.0, 0.0)
     out["aux_loss"] = imp_coef * out["importance_loss"] + kl_coef * out["kl_loss"]
     tasks: dict[int, list[float]] = {}
@@ -277,31 +130,13 @@ def task_expert_mutual_information(layer_summaries: list[dict[str, Any]]) -> flo
 
 def set_routing_stats_enabled(model: nn.Module, enabled: bool) -> None:
     """Pause (False) or resume (True) the recording of routing statistics in every LiME layer of ``model``."""
-    for _, layer in _lime_layers(model):
+    for _, layer in lime_layers(model):
         for stats in layer.lime_stats.values():
             stats.enabled = bool(enabled)
 
 
 def reset_routing_stats(model: nn.Module) -> None:
     """Forget all accumulated routing statistics."""
-    for _, layer in _lime_layers(model):
+    for _, layer in lime_layers(model):
         for stats in layer.lime_stats.values():
             stats.reset()
-
-
-def get_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """The load-balancing aux loss of the last training forward (detached), summed over layers; None if none."""
-    total = None
-    for _, layer in _lime_layers(model):
-        for adapter in layer.active_adapters:
-            stats = layer.lime_stats.get(adapter)
-            if stats is not None and stats.last_aux is not None:
-                total = stats.last_aux if total is None else total + stats.last_aux
-    return total
-
-
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Scale of the injected aux-loss gradient; set it to 1 / gradient_accumulation_steps (the callbacks do)."""
-    from .model import find_lime_model
-
-    find_lime_model(model).routing_context.aux_loss_scale = float(scale)

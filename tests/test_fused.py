@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from peft_lime import routing
+from peft_lime.deltas import LowRankDelta
 from peft_lime.modulation import modulate
-from peft_lime.telemetry import RoutingStats
+from peft_lime.stats import RoutingStats
 
 
 def _reference_logits(h, d, gamma, temperature):
@@ -65,7 +66,7 @@ def test_modulate_gradcheck(lora):
     weight, offset = torch.randn(E, d, **dt), torch.randn(d, **dt)
     if lora:
         a, B = torch.randn(1, N, r, **dt), torch.randn(d, r, **dt)
-        fn = lambda o, m, w, f, a, B: modulate(o, m, w, f, lora=(a, B, 0.7))  # noqa: E731
+        fn = lambda o, m, w, f, a, B: modulate(o, m, w, f, low_rank=LowRankDelta(a, B, 0.7))  # noqa: E731
         inputs = (out, mix, weight, offset, a, B)
         plain = out + (0.7 * a @ B.t()) * (offset + mix @ weight).view(1, N, d)
     else:

@@ -10,6 +10,8 @@ import torch
 from peft import get_peft_model
 from transformers import DynamicCache
 
+from peft_lime import LimeLayer
+
 from ._models import VOCAB, lime, lora, tiny_llama
 
 ATOL = 1e-4
@@ -105,3 +107,96 @@ def test_cropped_cache_with_ngram_windows_raises_a_clear_error():
         out.past_key_values.crop(-2)
         with pytest.raises(RuntimeError, match="cropped"):
             model(input_ids=x[:, 6:7], past_key_values=out.past_key_values, use_cache=True)
+
+
+# --- logits, not tokens: a wrong route must show ---------------------------------------------------------------------
+# Experts far from 1 (weight = P - 1 ~ N(0, 1), shared vector on with gate 0.5): a token routed with the wrong window
+# changes its logits by far more than the 1e-4 tolerance, while near-identical experts would hide it.
+
+
+def _far_model(n_gram: int):
+    model = _model(n_gram)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LimeLayer):
+                for experts in module.lime_experts.values():
+                    experts.weight.normal_(0.0, 1.0)
+                    experts.shared.normal_(0.0, 1.0)
+                    experts.gate.fill_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("n_gram", [1, 3])
+@pytest.mark.parametrize("cache_kwarg", ["cache", "past_key_values"])
+def test_token_by_token_decoding_logits_under_either_cache_argument_name(n_gram, cache_kwarg):
+    """transformers 5.24 passes the cache as ``cache=`` without ``cache_position``; older versions as
+    ``past_key_values=``. Both must continue the sequence, not start a new one."""
+    model = _far_model(n_gram)
+    x = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        cache = DynamicCache()
+        steps = [model(input_ids=x[:, :4], use_cache=True, **{cache_kwarg: cache}).logits]
+        for t in range(4, x.shape[1]):
+            steps.append(model(input_ids=x[:, t : t + 1], use_cache=True, **{cache_kwarg: cache}).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n_gram", [1, 3])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_step_logits_equal_a_full_forward_of_the_generated_tokens(n_gram, do_sample):
+    model = _far_model(n_gram)
+    prompt = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt,
+            max_new_tokens=10,
+            do_sample=do_sample,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full = model(input_ids=out.sequences).logits[:, prompt.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n_gram", [1, 3])
+def test_beam_search_scores_equal_a_full_forward_of_the_returned_beams(n_gram):
+    """With length_penalty=0 a beam's score is the sum of its tokens' log-probabilities: recompute it uncached."""
+    model = _far_model(n_gram)
+    prompt = torch.randint(3, VOCAB, (2, 5))
+    new = 6
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt,
+            num_beams=3,
+            num_return_sequences=2,
+            max_new_tokens=new,
+            length_penalty=0.0,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        logprobs = torch.log_softmax(model(input_ids=out.sequences).logits.float(), dim=-1)
+    tokens = out.sequences[:, prompt.shape[1] :]
+    recomputed = logprobs[:, prompt.shape[1] - 1 : -1].gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, recomputed, atol=ATOL, rtol=0)
+
+
+def test_prompt_lookup_decoding_with_ngram_windows_is_refused_up_front():
+    model = _model(3)
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    with torch.no_grad(), pytest.raises(ValueError, match="n_gram=3.*prompt_lookup_num_tokens"):
+        model.generate(input_ids=prompt, prompt_lookup_num_tokens=3, max_new_tokens=6, pad_token_id=0)
+
+
+def test_prompt_lookup_decoding_works_with_single_token_routing():
+    model = _model(1)
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assisted = model.generate(input_ids=prompt, prompt_lookup_num_tokens=3, **kwargs)
+        plain = model.generate(input_ids=prompt, **kwargs)
+    assert torch.equal(assisted, plain)

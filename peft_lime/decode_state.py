@@ -1,0 +1,136 @@
+"""Decode-time routing state: the n-gram routing windows of the sequences held in a KV cache.
+
+With ``n_gram > 1`` a decoded token routes with the mean logits of itself and the n - 1 tokens before it, which were
+computed by earlier forward calls. ``DecodeWindows`` keeps those last n - 1 logits per LiME layer and adapter, and
+makes them follow the KV cache object: generate reorders the cache (beam search), selects or repeats its rows
+(contrastive search, ``num_return_sequences``) or crops it (assisted decoding). Reorders are applied to the windows
+too; a crop that removes tokens loses them (the logits of the tokens before the kept tail were never stored), and the
+next decoding step then refuses to guess (see ``get``).
+
+It is the only writer of this state: the layers call ``get`` / ``keep``, the routing context calls ``start`` and
+``follow``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, Optional
+
+import torch
+
+# Generate options that verify several proposed tokens per step and roll the cache back: the windows of the
+# rolled-back tokens cannot be rebuilt from the kept tails, so these are refused when an adapter has n_gram > 1.
+CANDIDATE_DECODING_KWARGS = (
+    "assistant_model",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "assistant_tokenizer",
+)
+
+ASSISTED_DECODING_ERROR = (
+    "n_gram={n_gram}: {option} decodes with candidate tokens and rolls the KV cache back, and LiME's routing windows "
+    "of the rolled-back tokens cannot be rebuilt. Assisted / prompt-lookup / speculative decoding is not supported "
+    "with n_gram > 1; greedy, sampling and beam search are (or use n_gram=1)."
+)
+
+
+class DecodeWindows:
+    """The last n - 1 routing logits (and their validity) of every cached sequence, per (layer, adapter) key."""
+
+    def __init__(self) -> None:
+        self._tails: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Why the kept windows no longer match the cache (e.g. it was cropped), for the error of the next step.
+        self.lost_reason: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self._tails)
+
+    def start(self) -> None:
+        """A new sequence starts (a forward without cached tokens): earlier windows no longer apply."""
+        self._tails.clear()
+        self.lost_reason = None
+
+    def get(self, key: Hashable, batch_size: int, n_gram: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept tail of ``key`` for a decoding step over ``batch_size`` rows; clear error when unknown."""
+        tail = self._tails.get(key)
+        if tail is None or tail[0].shape[0] != batch_size:
+            why = self.lost_reason or "the cache was built elsewhere or changed outside generate"
+            raise RuntimeError(
+                f"n_gram={n_gram}: this decoding step continues sequences whose earlier routing windows are unknown "
+                f"({why}). Assisted / speculative decoding is not supported with n_gram > 1; greedy, sampling and "
+                "beam search are."
+            )
+        return tail
+
+    def keep(
+        self,
+        key: Hashable,
+        logits: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        past: Optional[tuple[torch.Tensor, torch.Tensor]],
+        n_gram: int,
+    ) -> None:
+        """Store the last n - 1 logits of (past tail + this call's tokens). logits: (B, T, E); valid: (B, T)."""
+        B, T, _ = logits.shape
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+        if past is not None:
+            logits = torch.cat([past[0].to(logits.dtype), logits], dim=1)
+            valid = torch.cat([past[1], valid], dim=1)
+        keep = n_gram - 1
+        self._tails[key] = (logits[:, -keep:].detach(), valid[:, -keep:])
+
+    def forget(self, key_filter: Callable[[Hashable], bool]) -> None:
+        """Drop the windows whose key matches (an adapter was re-created or deleted)."""
+        for key in [k for k in self._tails if key_filter(k)]:
+            del self._tails[key]
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Rows of the cache were selected / reordered (beam search, contrastive search)."""
+        for key, (logits, valid) in self._tails.items():
+            idx = indices.to(logits.device)
+            self._tails[key] = (logits.index_select(0, idx), valid.index_select(0, idx))
+
+    def repeat(self, repeats: int) -> None:
+        """Rows of the cache were repeated (``num_return_sequences``, beam expansion)."""
+        for key, (logits, valid) in self._tails.items():
+            self._tails[key] = (logits.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0))
+
+    def lose(self, reason: str) -> None:
+        """The cache changed in a way the windows cannot follow; the next decoding step will raise."""
+        if self._tails:
+            self._tails.clear()
+            self.lost_reason = reason
+
+    def follow(self, cache: Any) -> None:
+        """Wrap the cache object's row operations (on the instance, once) so that the windows follow them.
+
+        A crop is detected by the cache length (before vs after), which works whatever the crop argument means in
+        the installed transformers (absolute length in older versions, tokens to remove in 5.24+; ``crop(0)`` of
+        5.24's decoding loop removes nothing and keeps the windows).
+        """
+        if cache is None or not hasattr(cache, "get_seq_length") or cache.__dict__.get("_lime_windows") is self:
+            return
+        cache.__dict__["_lime_windows"] = self
+
+        def wrap(method_name: str, after: Callable[[Any, int, int], None]) -> None:
+            original = getattr(cache, method_name, None)
+            if original is None:
+                return
+
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                before = cache.get_seq_length()
+                result = original(*args, **kwargs)
+                after(args[0] if args else next(iter(kwargs.values()), None), before, cache.get_seq_length())
+                return result
+
+            setattr(cache, method_name, wrapped)
+
+        def crop(_: Any, before: int, now: int) -> None:
+            if now < before:
+                self.lose("the KV cache was cropped (assisted or speculative decoding)")
+
+        wrap("reorder_cache", lambda idx, *_: self.reorder(idx))
+        wrap("batch_select_indices", lambda idx, *_: self.reorder(idx))
+        wrap("batch_repeat_interleave", lambda repeats, *_: self.repeat(repeats))
+        wrap("crop", crop)

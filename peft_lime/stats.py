@@ -1,0 +1,163 @@
+"""RoutingStats: the on-device accumulator of one LiME layer's routing statistics for one adapter.
+
+Recording is a handful of in-place tensor ops per fold of several calls, with no host-device synchronisation;
+``summary`` turns the sums into Python numbers (one sync). The model-level API (read, reset, pause, sum over ranks)
+is in telemetry.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .routing import normalized_entropy
+
+# Capacity of the per-task usage table (task ids are small integers put in batches by the collator).
+MAX_TASKS = 256
+# Recording only keeps references to the call's (N, E) tensors and folds them into the sums in batches: about twenty
+# small ops per fold instead of per layer call, which dominated cached decoding (one token per call). Bounds on what
+# waits: tokens (memory: N x E floats each) and calls.
+MAX_PENDING_TOKENS = 2048
+MAX_PENDING_CALLS = 256
+# Names of the sums, in a fixed order: sync_routing_stats flattens them in this order on every rank.
+SUM_SHAPES = {
+    "tokens": (),
+    "calls": (),
+    "entropy": (),
+    "active": (),
+    "probs": ("E",),
+    "load": ("E",),
+    "importance": (),
+    "kl": (),
+    "task_probs": ("T", "E"),
+    "task_tokens": ("T",),
+    # Tokens by number of selected experts (0..E): the Auto Top-K histogram.
+    "active_hist": ("E+1",),
+    # Tokens whose routing probabilities were not finite (left out of every other statistic).
+    "nonfinite": (),
+}
+
+
+class RoutingStats:
+    """Sums over all recorded tokens since the last reset (padding and non-finite rows excluded)."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._sums: Optional[dict[str, torch.Tensor]] = None
+        # A training callback pauses recording between optimizer steps, so evaluation forwards made during training
+        # do not mix into the training statistics (see ``telemetry.set_routing_stats_enabled``).
+        self.enabled = True
+        # Aux loss of the last training forward (detached), for ``get_aux_loss``.
+        self.last_aux: Optional[torch.Tensor] = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
+        self._pending_tokens = 0
+
+    def reset(self) -> None:
+        self._sums = None
+        self._pending, self._pending_tokens = [], 0
+
+    def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The sum buffers (created as zeros on ``device`` when nothing was recorded yet); pending calls folded."""
+        self._fold()
+        if self._sums is None:
+            sizes = {"E": self.num_experts, "E+1": self.num_experts + 1, "T": MAX_TASKS}
+            self._sums = {
+                name: torch.zeros(tuple(sizes[s] for s in shape), dtype=torch.float32, device=device)
+                for name, shape in SUM_SHAPES.items()
+            }
+        return self._sums
+
+    def record_aux(self, aux: torch.Tensor) -> None:
+        self.last_aux = aux.detach()
+
+    @torch.no_grad()
+    def record(
+        self,
+        probs: torch.Tensor,
+        selected: torch.Tensor,
+        valid: Optional[torch.Tensor],
+        token_tasks: Optional[torch.Tensor] = None,
+    ) -> None:
+        """probs / selected: (N, E); valid: (N,) bool or None; token_tasks: (N,) task id per token or None."""
+        if not self.enabled:
+            return
+        self._pending.append((probs.detach(), selected, valid, token_tasks))
+        self._pending_tokens += probs.shape[0]
+        if self._pending_tokens >= MAX_PENDING_TOKENS or len(self._pending) >= MAX_PENDING_CALLS:
+            self._fold()
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Add the pending calls to the sums: one batch of ops for all of them, no host-device sync."""
+        entries, self._pending, self._pending_tokens = self._pending, [], 0
+        if not entries:
+            return
+        E, K = self.num_experts, len(entries)
+        probs = torch.cat([e[0].reshape(-1, E) for e in entries]).float()
+        device, counts = probs.device, [e[0].numel() // E for e in entries]
+        s = self.sums(device)
+        selected = torch.cat([e[1].reshape(-1, E) for e in entries])
+        w = torch.cat(
+            [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]
+        )
+        # A non-finite row (a diverged layer, an inf input) is counted and left out: one NaN would otherwise poison
+        # every sum until the next reset.
+        finite = torch.isfinite(probs).all(-1)
+        s["nonfinite"] += (w * ~finite).sum()
+        w = w * finite
+        probs = torch.where(finite[:, None], probs, 0.0)
+        # Call index of every token, for the per-call balance terms.
+        call = torch.repeat_interleave(torch.arange(K, device=device), torch.tensor(counts, device=device))
+        pw = probs * w[:, None]
+        per_call = torch.zeros(K, E + 1, device=device).index_add_(0, call, torch.cat([pw, w[:, None]], 1))
+        # A call without a valid token (all padding) has no balance terms: it adds nothing and is not counted.
+        has_tokens = per_call[:, E] > 0
+        pbar = per_call[:, :E] / per_call[:, E:].clamp_min(1.0)
+        s["importance"] += ((E * pbar.square().sum(-1) - 1.0) * has_tokens).sum()
+        s["kl"] += (pbar * torch.log(pbar.clamp_min(1e-12) * E)).sum()
+        s["calls"] += has_tokens.sum()
+        s["tokens"] += w.sum()
+        s["entropy"] += normalized_entropy(probs) @ w
+        n_active = selected.sum(-1)
+        s["active"] += n_active.float() @ w
+        s["active_hist"].index_add_(0, n_active.reshape(-1).long(), w)
+        s["probs"] += pw.sum(0)
+        s["load"] += w @ selected.float()
+        if any(e[3] is not None for e in entries):
+            tasks = torch.cat(
+                [
+                    e[3].reshape(-1) if e[3] is not None else torch.full((n,), -1, device=device)
+                    for e, n in zip(entries, counts)
+                ]
+            ).to(device=device, dtype=torch.long)
+            wt = w * (tasks >= 0)
+            tasks = tasks.clamp(0, MAX_TASKS - 1)
+            s["task_probs"].index_add_(0, tasks, probs * wt[:, None])
+            s["task_tokens"].index_add_(0, tasks, wt)
+
+    def summary(self) -> Optional[dict[str, Any]]:
+        """Python numbers (one device sync); None when nothing was recorded."""
+        self._fold()
+        if self._sums is None:
+            return None
+        s = {k: v.cpu() for k, v in self._sums.items()}
+        tokens = max(float(s["tokens"]), 1.0)
+        calls = max(float(s["calls"]), 1.0)
+        load = s["load"] / tokens
+        usage = load / load.sum().clamp_min(1e-12)
+        seen = torch.nonzero(s["task_tokens"] > 0).flatten()
+        return {
+            "tokens": float(s["tokens"]),
+            "nonfinite_tokens": float(s["nonfinite"]),
+            "routing_entropy": float(s["entropy"]) / tokens,
+            "active_experts": float(s["active"]) / tokens,
+            "mean_probs": (s["probs"] / tokens).tolist(),
+            "load": usage.tolist(),
+            "load_imbalance": float(usage.max() / usage.mean().clamp_min(1e-12)),
+            "importance_loss": float(s["importance"]) / calls,
+            "kl_loss": float(s["kl"]) / calls,
+            "task_usage": {int(t): (s["task_probs"][t] / s["task_tokens"][t]).tolist() for t in seen},
+            "task_tokens": {int(t): float(s["task_tokens"][t]) for t in seen},
+            "active_histogram": s["active_hist"].tolist(),
+        }
