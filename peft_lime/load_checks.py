@@ -14,18 +14,14 @@ import torch
 EXPERTS_SEGMENT = ".lime_experts."
 
 
-def _lime_keys(keys: Any, adapter_name: str) -> set[str]:
-    marker = f"{EXPERTS_SEGMENT}{adapter_name}."
-    return {k for k in keys if marker in k}
-
-
 def check_lime_keys(model: Any, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise ValueError when the checkpoint's expert tensors of ``adapter_name`` differ from the model's.
 
-    ``state_dict`` holds the checkpoint keys already remapped to the model's names (adapter name inserted).
+    ``state_dict`` holds the checkpoint keys already remapped to the model's names (adapter name inserted); keys the
+    model does not have pass the remapping unchanged, so every expert key of the checkpoint is compared.
     """
-    expected = _lime_keys(model.state_dict().keys(), adapter_name)
-    given = _lime_keys(state_dict.keys(), adapter_name)
+    expected = {k for k in model.state_dict() if f"{EXPERTS_SEGMENT}{adapter_name}." in k}
+    given = {k for k in state_dict if EXPERTS_SEGMENT in k}
     prefix = "base_model.model."
     # Without a PeftModel around the layers (inject_adapter_in_model) the model keys carry no prefix.
     if expected and not any(k.startswith(prefix) for k in expected):
