@@ -17,7 +17,14 @@ from .model_card import enable_lime_model_card, update_lime_model_card
 from .optim import lime_optimizer, lime_param_groups
 from .peft_type import ensure_lime_peft_type
 from .registration import register_lime
-from .telemetry import get_routing_stats, reset_routing_stats, set_routing_stats_enabled, sync_routing_stats
+from .telemetry import (
+    get_routing_stats,
+    recording_routing_stats,
+    reset_routing_stats,
+    set_routing_stats_enabled,
+    set_routing_stats_mode,
+    sync_routing_stats,
+)
 
 register_lime()
 
@@ -40,9 +47,11 @@ __all__ = [
     "lime_param_groups",
     "register_delta",
     "register_lime",
+    "recording_routing_stats",
     "reset_routing_stats",
     "set_aux_loss_scale",
     "set_routing_stats_enabled",
+    "set_routing_stats_mode",
     "sync_routing_stats",
     "update_lime_model_card",
 ]

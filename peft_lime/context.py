@@ -41,6 +41,12 @@ class RoutingContext:
     # model has n_gram > 1 (LimeModel keeps this flag up to date).
     windows: DecodeWindows = field(default_factory=DecodeWindows)
     track_windows: bool = False
+    # When routing statistics are recorded (see telemetry.set_routing_stats_mode): "training" (default: training-mode
+    # forwards only, so inference and decoding pay nothing), "always" or "off".
+    stats_mode: str = "training"
+
+    def records_stats(self, training: bool) -> bool:
+        return self.stats_mode == "always" or (training and self.stats_mode == "training")
 
     def clear(self) -> None:
         self.batch_size, self.new_tokens, self.layout, self.task_ids = -1, -1, None, None

@@ -212,7 +212,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         stats = self.lime_stats[adapter]
         # Gradient checkpointing re-runs forward inside backward: record statistics only once.
         first_pass = torch._C._current_graph_task_id() == -1
-        record = stats.enabled and first_pass
+        record = stats.enabled and first_pass and self._context.records_stats(self.training)
         selection = routing.select_experts(
             probs,
             top_k=s.top_k,

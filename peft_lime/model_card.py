@@ -3,16 +3,19 @@
 PeftModel writes the card itself (``create_or_update_model_card``, called by ``save_pretrained``) and has no extension
 point for a tuner: LimeModel is built inside ``PeftModel.__init__`` and is never handed its PeftModel, so the tuner
 cannot add a section on its own. Patching PeftModel's class at ``import peft_lime`` would change every PeftModel in
-the process, LiME or not, and would rely on transformers' private upload method. Instead:
+the process, LiME or not, including a private method of transformers. So the section is opt-in, per model:
 
 - ``update_lime_model_card(peft_model, output_dir, repo_id=None)`` adds or refreshes the section of a saved folder;
-- ``enable_lime_model_card(peft_model)`` makes that ONE PeftModel write it, like ``enable_task_ids``: it binds two
-  methods on the instance (its ``__dict__``), so the class and every other PeftModel are untouched, and a deepcopy
-  keeps them bound to the copy. ``create_or_update_model_card`` runs PEFT's own update, then adds the section.
+- ``enable_lime_model_card(peft_model)`` makes that ONE PeftModel write it from then on, like ``enable_task_ids``:
+  it sets two methods on the instance (its ``__dict__``), so the class and every other PeftModel are untouched, and a
+  deepcopy or pickle keeps them bound to the copy. ``create_or_update_model_card`` runs PEFT's own update, then adds
+  the section.
   ``_upload_modified_files`` (transformers' PushToHubMixin) is overridden too because ``push_to_hub`` saves the adapter
   to a temporary folder, then OVERWRITES README.md with the card loaded from the Hub (or a generic template), and
   uploads right after: that call is the only point between the two where the card can be fixed. The override redoes
   PEFT's and LiME's updates on that card (with the repo id in the loading recipe) and calls the inherited method.
+
+Without either call a LiME PeftModel saves PEFT's card only; the adapter still loads (after ``import peft_lime``).
 
 The section sits between HTML comment markers, so saving again replaces it (and collapses duplicates) while text the
 user added elsewhere is kept. User data (adapter names, repo and base-model ids, config values) is written as escaped
@@ -22,10 +25,10 @@ code span nor forge a marker.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import types
 from typing import Any, Optional
 
 BEGIN = "<!-- peft-lime: begin -->"
@@ -201,10 +204,16 @@ def enable_lime_model_card(peft_model: Any) -> None:
 
     Only this instance changes (see the module docstring); without it, call ``update_lime_model_card`` after saving.
     """
-    if not _lime_configs(peft_model):
-        raise ValueError("peft_model: no LiME adapter found (expected a PeftModel with a LimeConfig adapter)")
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel) or not _lime_configs(peft_model):
+        raise ValueError(
+            f"peft_model: no LiME adapter found in this {type(peft_model).__name__} (expected a PeftModel returned by "
+            "get_peft_model with a LimeConfig, or loaded from a LiME adapter)"
+        )
     for name, method in (
         ("create_or_update_model_card", _create_or_update_model_card),
         ("_upload_modified_files", _upload_modified_files),
     ):
-        peft_model.__dict__[name] = types.MethodType(method, peft_model)
+        # A partial, not a bound method: a bound method pickles by name, which would not find these.
+        peft_model.__dict__[name] = functools.partial(method, peft_model)

@@ -6,6 +6,7 @@ numbers (one sync) and can reset them, which is what a logging callback does at 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .layer import LimeLayer
+from .model import find_lime_model
 
 # The per-layer scalar statistics that the aggregate averages over layers (and callbacks log).
 SCALAR_KEYS = ("routing_entropy", "active_experts", "load_imbalance", "importance_loss", "kl_loss")
@@ -92,12 +94,7 @@ def aggregate_layer_stats(layers: dict[str, Any], coefs: Optional[tuple[float, f
     out: dict[str, Any] = {k: sum(v[k] for v in values) / len(values) for k in SCALAR_KEYS}
     imp_coef, kl_coef = coefs or (0.0, 0.0)
     out["aux_loss"] = imp_coef * out["importance_loss"] + kl_coef * out["kl_loss"]
-    tasks: dict[int, list[float]] = {}
-    for v in values:
-        for t, usage in v["task_usage"].items():
-            acc = tasks.setdefault(t, [0.0] * len(usage))
-            tasks[t] = [a + u / len(values) for a, u in zip(acc, usage)]
-    out["task_usage"] = tasks
+    out["task_usage"] = mean_task_usage(values)
     # Summed over layers: counts (layer, token) pairs by number of selected experts.
     hist: list[float] = []
     for v in values:
@@ -106,6 +103,16 @@ def aggregate_layer_stats(layers: dict[str, Any], coefs: Optional[tuple[float, f
     out["active_histogram"] = hist
     out["task_expert_mutual_information"] = task_expert_mutual_information(values)
     return out
+
+
+def mean_task_usage(layer_summaries: list[dict[str, Any]]) -> dict[int, list[float]]:
+    """Per task, the mean over layers of the task's mean routing probabilities (layers that saw the task)."""
+    tasks: dict[int, list[float]] = {}
+    for v in layer_summaries:
+        for t, usage in v["task_usage"].items():
+            acc = tasks.setdefault(t, [0.0] * len(usage))
+            tasks[t] = [a + u / len(layer_summaries) for a, u in zip(acc, usage)]
+    return dict(sorted(tasks.items()))
 
 
 def task_expert_mutual_information(layer_summaries: list[dict[str, Any]]) -> float:
@@ -126,6 +133,36 @@ def task_expert_mutual_information(layer_summaries: list[dict[str, Any]]) -> flo
                     mi += pj * math.log(pj / (p_task * p_expert[i]))
         mis.append(mi)
     return sum(mis) / len(mis) if mis else 0.0
+
+
+STATS_MODES = ("training", "always", "off")
+
+
+def set_routing_stats_mode(model: nn.Module, mode: str) -> None:
+    """When the LiME layers of ``model`` record routing statistics.
+
+    ``"training"`` (default): in training-mode forwards only, so evaluation, inference and ``generate`` pay nothing;
+    ``"always"``: also in eval mode (to read the routing of an evaluation set or of generated text);
+    ``"off"``: never. ``set_routing_stats_enabled`` pauses / resumes recording on top of the mode.
+    """
+    if mode not in STATS_MODES:
+        raise ValueError(f"mode: must be one of {STATS_MODES}, got {mode!r}")
+    find_lime_model(model).routing_context.stats_mode = mode
+
+
+@contextlib.contextmanager
+def recording_routing_stats(model: nn.Module, mode: str = "always") -> Iterator[None]:
+    """Context manager: record routing statistics with ``mode`` (default "always") inside, restore the mode after.
+
+    Example: ``with peft_lime.recording_routing_stats(model): evaluate(model)`` then ``get_routing_stats(model)``.
+    """
+    context = find_lime_model(model).routing_context
+    previous = context.stats_mode
+    set_routing_stats_mode(model, mode)
+    try:
+        yield
+    finally:
+        context.stats_mode = previous
 
 
 def set_routing_stats_enabled(model: nn.Module, enabled: bool) -> None:

@@ -28,6 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+try:
+    from tests._models import tiny_llama_config
+except ImportError:  # run as a script without the repository root on sys.path: tests/ itself is sys.path[0]
+    from _models import tiny_llama_config
+
 # The parent imports the builders below from tests.distributed_worker; keep them free of distributed state.
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -36,21 +41,10 @@ STEPS = 3
 
 
 def build_base(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
+    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
 
 
@@ -243,7 +237,7 @@ def _check_routing_sync(model, peft_model, rank: int, world: int) -> dict:
     import peft_lime
 
     peft_lime.reset_routing_stats(peft_model)
-    with torch.no_grad():
+    with torch.no_grad(), peft_lime.recording_routing_stats(peft_model):
         model(input_ids=train_batch(rank, 99)[:, : 6 + 4 * rank])  # different lengths: token-weighting matters
     local = peft_lime.get_routing_stats(peft_model)["layers"]  # reading does not reset
     assert peft_lime.sync_routing_stats(peft_model)

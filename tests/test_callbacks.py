@@ -235,7 +235,7 @@ def test_per_task_usage_and_mutual_information(tmp_path):
 
     # task_ids reaches the telemetry but not the base model: a direct call with task_ids works too
     ids = torch.randint(4, 35, (2, 6))
-    with torch.no_grad():
+    with torch.no_grad(), peft_lime.recording_routing_stats(trainer.model):  # eval mode: recorded when asked
         out = trainer.model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=torch.tensor([0, 2]))
     assert torch.isfinite(out.logits).all()
     tasks_seen = peft_lime.get_routing_stats(trainer.model, reset=True)["aggregate"]["task_usage"]

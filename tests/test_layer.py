@@ -111,7 +111,7 @@ def test_routing_stats_exclude_padding_and_are_in_range():
     x = torch.randint(3, VOCAB, (2, 6))
     mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
     peft_lime.reset_routing_stats(model)
-    with torch.no_grad():
+    with torch.no_grad(), peft_lime.recording_routing_stats(model):  # eval mode records only when asked
         model(input_ids=x, attention_mask=mask)
     stats = peft_lime.get_routing_stats(model, reset=True)
     layer = next(iter(stats["layers"].values()))
@@ -139,6 +139,7 @@ def test_gpt2_conv1d_and_qwen2_are_wrapped():
 def test_task_ids_belong_to_their_own_call_only():
     """Per-task telemetry: a call without task_ids must not inherit the previous call's ids."""
     model = get_peft_model(tiny_llama(), lime())
+    peft_lime.set_routing_stats_mode(model, "always")
     handle = peft_lime.enable_task_ids(model)
     assert peft_lime.enable_task_ids(model) is handle  # idempotent: no second hook
     x = torch.randint(3, VOCAB, (2, 5))

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-from mini_mmt import (  # noqa: E402
+from lime_examples.mini_mmt import (
     TASKS,
     Example,
     MiniVLM,
@@ -26,11 +23,12 @@ from mini_mmt import (  # noqa: E402
     save_projector,
     score_examples,
 )
-from mini_mmt.data import BUILDERS, MODALITIES, SPLITS, require  # noqa: E402
-from mini_mmt.scoring import predictions  # noqa: E402
-from mini_mmt.vlm import ProjectorConfig  # noqa: E402
+from lime_examples.mini_mmt.data import MODALITIES, SPLITS, require
+from lime_examples.mini_mmt.scoring import predictions
+from lime_examples.mini_mmt.tasks import BUILDERS
+from lime_examples.mini_mmt.vlm import ProjectorConfig
 
-from ._models import VOCAB, lora, tiny_llama  # noqa: E402
+from ._models import VOCAB, lora, tiny_llama
 
 CAPS = SplitCaps(train=10, validation=3, test=5)
 
@@ -187,6 +185,7 @@ def test_scoring_through_lime_with_task_ids() -> None:
 
     lm = get_peft_model(tiny_llama(), peft_lime.LimeConfig(base=lora(), num_experts=4))
     peft_lime.enable_task_ids(lm)
+    peft_lime.set_routing_stats_mode(lm, "always")  # scoring runs in eval mode
     vlm, enc = _vlm(lm)
     examples = _examples()
     peft_lime.reset_routing_stats(lm)

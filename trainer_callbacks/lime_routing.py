@@ -10,13 +10,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from peft import PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 
+import peft_lime
+from peft_lime.telemetry import SCALAR_KEYS as LAYER_KEYS
+from peft_lime.telemetry import mean_task_usage, task_expert_mutual_information
+
 logger = logging.getLogger(__name__)
 
-SCALAR_KEYS = ("routing_entropy", "active_experts", "importance_loss", "kl_loss", "aux_loss", "load_imbalance")
-LAYER_KEYS = ("routing_entropy", "active_experts", "load_imbalance", "importance_loss", "kl_loss")
+# Logged from the aggregate: the per-layer scalars averaged over layers, plus the configured aux loss.
+SCALAR_KEYS = (*LAYER_KEYS, "aux_loss")
 FIGURES = {
     "routing_heatmap": "lime_routing_heatmap.png",
     "active_experts": "lime_active_experts.png",
@@ -124,7 +129,6 @@ class LimeRoutingCallback(TrainerCallback):
         self.sync_ranks = sync_ranks
         self._handler: Optional[CallbackHandler] = None
         self._model = None
-        self._layers: list = []
         self._totals = _RunTotals()
         self._own_tb_writer = None
         self.written_figures: list[str] = []
@@ -160,9 +164,6 @@ class LimeRoutingCallback(TrainerCallback):
 
     # --- training -------------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        import peft_lime
-        from peft_lime.layer import LimeLayer
-
         if self._handler is None:  # added with trainer.add_callback after __init__
             self._move_first()
         model = kwargs.get("model")
@@ -173,23 +174,23 @@ class LimeRoutingCallback(TrainerCallback):
             self._model = None
             return
         self._model = model
-        self._layers = [m for m in model.modules() if isinstance(m, LimeLayer)]
         peft_lime.set_aux_loss_scale(lime_model, 1.0 / max(int(args.gradient_accumulation_steps), 1))
         if self.capture_task_ids and not getattr(model, "_lime_task_ids_hook", None):
-            from peft import PeftModel
-
             if isinstance(model, PeftModel):
                 # PeftModel.forward consumes task_ids itself; the pre-hook reads them first. Marked so that
                 # repeated train() calls do not stack hooks.
                 model.__dict__["_lime_task_ids_hook"] = peft_lime.enable_task_ids(model)
+        if isinstance(model, PeftModel):
+            # save_pretrained / push_to_hub of this model (Trainer checkpoints, the final save) write the LiME section
+            # of the model card; per instance, nothing is patched globally.
+            peft_lime.enable_lime_model_card(model)
         # Statistics recorded before training (a pre-train evaluation, a manual forward) are not part of the run.
         peft_lime.reset_routing_stats(model)
         self._totals = _RunTotals()
 
     def _set_recording(self, enabled: bool) -> None:
-        for layer in self._layers:
-            for stats in layer.lime_stats.values():
-                stats.enabled = enabled
+        if self._model is not None:
+            peft_lime.set_routing_stats_enabled(self._model, enabled)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._set_recording(True)
@@ -230,8 +231,6 @@ class LimeRoutingCallback(TrainerCallback):
 
     def _collect(self) -> dict[str, float]:
         """Read and reset the layers' statistics (one device sync per layer); returns the log entries."""
-        import peft_lime
-
         if self.sync_ranks:
             peft_lime.sync_routing_stats(self._model)  # no-op in a single process
         stats = peft_lime.get_routing_stats(self._model, reset=True)
@@ -256,18 +255,11 @@ class LimeRoutingCallback(TrainerCallback):
 
     def run_summary(self) -> dict[str, Any]:
         """Token-weighted routing over the whole run so far: layer usage, histogram, task usage and MI (nats)."""
-        from peft_lime.telemetry import task_expert_mutual_information
-
         summaries = self._totals.layer_task_summaries()
-        task_usage: dict[int, list[float]] = {}
-        for v in summaries:
-            for t, usage in v["task_usage"].items():
-                acc = task_usage.setdefault(t, [0.0] * len(usage))
-                task_usage[t] = [a + u / len(summaries) for a, u in zip(acc, usage)]
         return {
             "layer_usage": self._totals.layer_usage(),
             "active_histogram": list(self._totals.histogram),
-            "task_usage": dict(sorted(task_usage.items())),
+            "task_usage": mean_task_usage(summaries),
             "task_expert_mutual_information": task_expert_mutual_information(summaries),
         }
 
