@@ -62,16 +62,21 @@ class RoutingContext:
             self.clear()
             return
         B, T = ref.shape[0], ref.shape[1]
-        cache = cache_from_kwargs(kwargs)
-        continuing = past_length(kwargs, cache) > 0
-        if not continuing:
-            self.windows.start()
-        if self.track_windows:
-            self.windows.follow(cache)
         mask = kwargs.get("attention_mask")
         valid = None
         if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= T:
             valid = mask[:, -T:].bool()
+        self.batch_size, self.new_tokens = B, T
+        if not self.track_windows:
+            # Without n-gram windows only padding matters: the cache length is not read at all (a static cache
+            # keeps it in a tensor, and reading it would stop a compiled decoding step).
+            self.layout = TokenLayout(valid=valid, segments=None, positions=None, continuing=False)
+            return
+        cache = cache_from_kwargs(kwargs)
+        continuing = past_length(kwargs, cache) > 0
+        if not continuing:
+            self.windows.start()
+        self.windows.follow(cache)
         position_ids = kwargs.get("position_ids")
         segments = positions = None
         if torch.is_tensor(position_ids) and position_ids.dim() == 2 and position_ids.shape[-1] == T:
@@ -81,7 +86,6 @@ class RoutingContext:
                 segments = segment_ids_from_positions(position_ids)
         elif valid is not None and not continuing:
             positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        self.batch_size, self.new_tokens = B, T
         self.layout = TokenLayout(valid=valid, segments=segments, positions=positions, continuing=continuing)
 
     def layout_for(self, x: torch.Tensor) -> Optional[TokenLayout]:

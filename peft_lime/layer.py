@@ -206,12 +206,14 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         if self.training:
             logits = routing.apply_jitter(logits, s.jitter_noise)
         if s.n_gram > 1:
-            logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, self._context.windows, (id(self), adapter))
+            windows = self._context.windows
+            logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, (id(self), adapter), not self.training)
         logits = logits.reshape(-1, E)
         probs = torch.softmax(logits, dim=-1)
         stats = self.lime_stats[adapter]
-        # Gradient checkpointing re-runs forward inside backward: record statistics only once.
-        first_pass = torch._C._current_graph_task_id() == -1
+        # Gradient checkpointing re-runs forward inside backward (eager): record statistics only once. A compiled
+        # graph runs this Python once, when traced; its recomputation never comes back here.
+        first_pass = torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
         record = stats.enabled and first_pass and self._context.records_stats(self.training)
         selection = routing.select_experts(
             probs,

@@ -80,7 +80,9 @@ class LimeModel(BaseTuner):
         # model sees it: refuse it here, or the batch would silently run with the active adapter.
         if kwargs.get("adapter_names") is not None:
             raise ValueError(ADAPTER_NAMES_ERROR)
-        n_gram = max((self.peft_config[name].n_gram for name in self.active_adapters), default=1)
+        n_gram = 1
+        for name in self.active_adapters:
+            n_gram = max(n_gram, self.peft_config[name].n_gram)
         if n_gram > 1:
             for option in CANDIDATE_DECODING_KWARGS:
                 if kwargs.get(option) is not None:

@@ -54,7 +54,10 @@ class RoutingStats:
         self._pending_tokens = 0
 
     def reset(self) -> None:
-        self._sums = None
+        # Zeroed in place rather than dropped: a compiled graph that accumulates into these buffers keeps them.
+        if self._sums is not None:
+            for buffer in self._sums.values():
+                buffer.zero_()
         self._pending, self._pending_tokens = [], 0
 
     def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -82,7 +85,13 @@ class RoutingStats:
         """probs / selected: (N, E); valid: (N,) bool or None; token_tasks: (N,) task id per token or None."""
         if not self.enabled:
             return
-        self._pending.append((probs.detach(), selected, valid, token_tasks))
+        entry = (probs.detach(), selected, valid, token_tasks)
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph the sums are updated in place, fused with the rest of the layer: no Python
+            # list or counter that would change (and recompile) at every call.
+            self._accumulate([entry])
+            return
+        self._pending.append(entry)
         self._pending_tokens += probs.shape[0]
         if self._pending_tokens >= MAX_PENDING_TOKENS or len(self._pending) >= MAX_PENDING_CALLS:
             self._fold()
@@ -91,8 +100,12 @@ class RoutingStats:
     def _fold(self) -> None:
         """Add the pending calls to the sums: one batch of ops for all of them, no host-device sync."""
         entries, self._pending, self._pending_tokens = self._pending, [], 0
-        if not entries:
-            return
+        if entries:
+            self._accumulate(entries)
+
+    @torch.no_grad()
+    def _accumulate(self, entries: list) -> None:
+        """The statistics of ``entries`` (recorded calls) added to the sums."""
         E, K = self.num_experts, len(entries)
         probs = torch.cat([e[0].reshape(-1, E) for e in entries]).float()
         device, counts = probs.device, [e[0].numel() // E for e in entries]
@@ -108,7 +121,10 @@ class RoutingStats:
         w = w * finite
         probs = torch.where(finite[:, None], probs, 0.0)
         # Call index of every token, for the per-call balance terms.
-        call = torch.repeat_interleave(torch.arange(K, device=device), torch.tensor(counts, device=device))
+        if len(set(counts)) == 1:  # static shapes (the compiled path always records one call)
+            call = torch.arange(K, device=device).repeat_interleave(counts[0])
+        else:
+            call = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
         pw = probs * w[:, None]
         per_call = torch.zeros(K, E + 1, device=device).index_add_(0, call, torch.cat([pw, w[:, None]], 1))
         # A call without a valid token (all padding) has no balance terms: it adds nothing and is not counted.
@@ -137,11 +153,13 @@ class RoutingStats:
             s["task_tokens"].index_add_(0, tasks, wt)
 
     def summary(self) -> Optional[dict[str, Any]]:
-        """Python numbers (one device sync); None when nothing was recorded."""
+        """Python numbers (one device sync); None when nothing was recorded since the last reset."""
         self._fold()
         if self._sums is None:
             return None
         s = {k: v.cpu() for k, v in self._sums.items()}
+        if not (s["tokens"] or s["calls"] or s["nonfinite"]):
+            return None
         tokens = max(float(s["tokens"]), 1.0)
         calls = max(float(s["calls"]), 1.0)
         load = s["load"] / tokens

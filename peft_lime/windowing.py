@@ -19,11 +19,14 @@ def window_logits(
     layout: Optional[TokenLayout],
     windows: DecodeWindows,
     key: Hashable,
+    keep: bool,
 ) -> torch.Tensor:
-    """n-gram routing over (B, T, E) logits (or (N, E), one sequence); keeps the decoding tail of model tokens.
+    """n-gram routing over (B, T, E) logits (or (N, E), one sequence); with ``keep``, keeps the decoding tail.
 
     ``layout`` None means the input is not laid out like the model's tokens (e.g. a vision tower): each row is one
-    sequence, windows are computed within the call and nothing is kept for decoding.
+    sequence, windows are computed within the call and nothing is kept for decoding. The layer keeps tails in eval
+    mode only (decoding): a training step never continues a cache, and keeping nothing there leaves no per-step
+    state behind (nothing for a compiled training step to re-check).
     """
     shape = logits.shape
     seq = logits if logits.dim() == 3 else logits.reshape(1, -1, shape[-1])
@@ -46,6 +49,6 @@ def window_logits(
         past_logits=past[0] if past is not None else None,
         past_valid=past[1] if past is not None else None,
     )
-    if layout is not None:
+    if layout is not None and keep:
         windows.keep(key, seq, valid, past, n_gram)
     return windowed.reshape(shape)
