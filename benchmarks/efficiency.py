@@ -27,16 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from benchmarks import harness, report  # noqa: E402
-from benchmarks.baselines.mixlora_pkg import check_parity, package_status  # noqa: E402
-from benchmarks.methods import LIME_E8, LORA, Method, all_methods  # noqa: E402
-from benchmarks.param_counts import llama_1b_config, smollm2_135m_config  # noqa: E402
+from lime_examples.bench import harness, report
+from lime_examples.bench.baselines.mixlora_pkg import check_parity, package_status
+from lime_examples.bench.methods import LIME_E8, LORA, Method, all_methods
+from lime_examples.bench.param_counts import llama_1b_config, smollm2_135m_config
 
 LOGGER = logging.getLogger("benchmarks.efficiency")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,7 +141,7 @@ def measure(setup: Setup, methods: list[Method], device: torch.device, profile: 
         raw[name]["peak_bytes"], raw[name]["resident_bytes"] = peak, resident
     profiles = None
     if profile and LORA in built and LIME_E8 in built:
-        from benchmarks.profile_lime import profile_pair
+        from lime_examples.bench.profile import profile_pair
 
         profiles = profile_pair(built[LORA], built[LIME_E8], prompt)
     del built

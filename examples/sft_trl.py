@@ -26,16 +26,22 @@ from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from chat_data import GGUF_FILE, GGUF_MODULE, SIMPLE_CHAT_TEMPLATE, chatterbot_pairs, minilm_dir, package_dir  # noqa: E402
 
 import peft_lime  # noqa: E402  (registers PeftType.LIME)
+from lime_examples.assets import chatterbot_pairs, load_causal_lm, minilm_dir  # noqa: E402
 
 logger = logging.getLogger("sft_trl")
 
+# A minimal chat template for tokenizers that have none (the --quick path), with {% generation %} markers so
+# TRL's assistant_only_loss works with it.
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 DEFAULT_TOPICS = ["ai", "computers", "emotion", "food", "greetings", "humor", "psychology", "science", "sports"]
 
 
@@ -72,7 +78,7 @@ class LimeArguments:
 
 
 def load_model_and_tokenizer(script: ScriptArguments):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if script.quick:
         tok = AutoTokenizer.from_pretrained(str(minilm_dir()))  # a real tokenizer that loads in a blink
@@ -90,14 +96,7 @@ def load_model_and_tokenizer(script: ScriptArguments):
         )
         torch.manual_seed(0)
         return LlamaForCausalLM(config), tok, "tiny random Llama (--quick)"
-    if script.model_name_or_path:
-        tok = AutoTokenizer.from_pretrained(script.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, dtype=torch.float32)
-        return model, tok, script.model_name_or_path
-    folder = str(package_dir(GGUF_MODULE))
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)  # dequantized
-    return model, tok, f"{GGUF_MODULE}:{GGUF_FILE}"
+    return load_causal_lm(script.model_name_or_path, torch.float32)
 
 
 def build_dataset(script: ScriptArguments, seed: int):
@@ -107,8 +106,10 @@ def build_dataset(script: ScriptArguments, seed: int):
     topics = [t.strip() for t in script.topics.split(",") if t.strip()]
     pairs = chatterbot_pairs(topics)
     rows = {
-        "messages": [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a, _ in pairs],
-        "task_id": [topics.index(c) for _, _, c in pairs],
+        "messages": [
+            [{"role": "user", "content": p.question}, {"role": "assistant", "content": p.answer}] for p in pairs
+        ],
+        "task_id": [topics.index(p.topic) for p in pairs],
     }
     dataset = Dataset.from_dict(rows).shuffle(seed=seed)
     if script.max_examples:

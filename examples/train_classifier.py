@@ -17,19 +17,17 @@ import argparse
 import json
 import logging
 import os
-import sys
+import random
 from pathlib import Path
 from typing import Any, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from chat_data import chatterbot_pairs, minilm_dir, split  # noqa: E402
 
 import peft_lime  # noqa: E402  (registers PeftType.LIME)
+from lime_examples.assets import chatterbot_pairs, minilm_dir  # noqa: E402
 
 logger = logging.getLogger("train_classifier")
 
@@ -91,15 +89,23 @@ def load_encoder(args: argparse.Namespace, num_labels: int):
     return model, tok, folder
 
 
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded shuffle, then (train, eval)."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_eval = max(1, int(len(items) * eval_fraction))
+    return items[n_eval:], items[:n_eval]
+
+
 def build_datasets(args: argparse.Namespace, tok: Any):
     from datasets import Dataset
 
     topics = [t.strip() for t in args.topics.split(",") if t.strip()]
     seen, rows = set(), []
-    for question, _, topic in chatterbot_pairs(topics):
-        if question not in seen:  # a question listed twice would leak between the splits
-            seen.add(question)
-            rows.append((question, topics.index(topic)))
+    for pair in chatterbot_pairs(topics):
+        if pair.question not in seen:  # a question listed twice would leak between the splits
+            seen.add(pair.question)
+            rows.append((pair.question, topics.index(pair.topic)))
     train, test = split(rows, 0.2, args.seed)
     if args.max_examples:
         train, test = train[: args.max_examples], test[: max(8, args.max_examples // 4)]

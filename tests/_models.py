@@ -9,10 +9,10 @@ import peft_lime
 VOCAB = 101
 
 
-def tiny_llama(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(**overrides):
+    """The tiny Llama every test builds on (2 layers, width 32, GQA 4 / 2 heads, vocab VOCAB); overrides win."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
     cfg = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -26,7 +26,14 @@ def tiny_llama(seed: int = 0, **overrides):
         bos_token_id=2,
     )
     cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
 def tiny_qwen2(seed: int = 0):

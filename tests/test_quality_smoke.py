@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("gguf")  # the SmolLM2 backbone ships with peft-lime[demo]
 
+pytestmark = pytest.mark.slow  # subprocess runs of the benchmarks, minutes each
+
 
 def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")

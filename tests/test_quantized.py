@@ -16,10 +16,15 @@ pytest.importorskip("bitsandbytes")
 
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from peft.tuners.lora import bnb as lora_bnb  # noqa: E402
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_lime  # noqa: E402
 from peft_lime import LimeExperts, LimeLayer  # noqa: E402
+
+from ._models import tiny_llama_config  # noqa: E402
+
+# Tiny matmuls gain nothing from threads; on a busy 2-core machine OpenMP spin-waits made them 50x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -39,31 +44,11 @@ def _quant_config(kind: str, **extra) -> BitsAndBytesConfig:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads; on a busy 2-core machine OpenMP spin-waits made them 50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def backbone_dir(tmp_path_factory):
     """A tiny fp32 Llama checkpoint on disk, quantized on load by each test."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
+    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=64)
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return path

@@ -8,27 +8,21 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import peft_lime
 from peft_lime import LimeLayer
 
+from ._models import tiny_llama_config
+
 IMAGE_TOKEN = 100
 N_IMAGE_TOKENS = 5  # (16 / 8)^2 patches + CLS, vision_feature_select_strategy="full"
 TARGETS = r".*(vision_tower.*(q_proj|fc1)|language_model.*(q_proj|v_proj|down_proj))"
 
 
 def tiny_llava(seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8
     )
-    text = LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
+    text = tiny_llama_config(vocab_size=IMAGE_TOKEN + 1)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,

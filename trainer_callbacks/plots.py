@@ -41,7 +41,7 @@ def routing_heatmap(layer_usage: Mapping[str, Sequence[float]], title: str = "")
         return None
     names = list(layer_usage)
     usage = np.asarray([layer_usage[n] for n in names], dtype=float)
-    fig = _figure(6.5, max(3.0, 0.22 * len(names) + 1.5))
+    fig = _figure(6.5, 1.5 + min(max(1.5, 0.22 * len(names)), 10.0))  # rows get thinner past ~45 layers
     ax = fig.add_subplot()
     im = ax.imshow(usage, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0.0)
     step = max(1, len(names) // 40)  # keep labels readable on deep models

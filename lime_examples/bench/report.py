@@ -168,9 +168,9 @@ def to_markdown(results: dict[str, Any], quick: bool) -> str:
     parity = pkg["parity_max_abs_diff"]
     lines += [
         "",
-        "MixLoRA: the re-implementation (benchmarks/baselines/mixlora.py) is the reference row. The pip package "
-        f"mixlora 0.2.3 is {pkg['status']} here; it runs on transformers 5 but as shipped cannot train: it is an "
-        "inference loader whose FFN experts (a plain dict) and router (a plain tensor) are not registered "
+        "MixLoRA: the re-implementation (lime_examples/bench/baselines/mixlora.py) is the reference row. The pip "
+        f"package mixlora 0.2.3 is {pkg['status']} here; it runs on transformers 5 but as shipped cannot train: it is "
+        "an inference loader whose FFN experts (a plain dict) and router (a plain tensor) are not registered "
         "parameters, it requires lora_dropout > 0 and it computes no router loss. "
         + (
             f"On identical weights the re-implementation matches the package's forward (max |logits diff| = "
@@ -225,7 +225,7 @@ def write_all(results: dict[str, Any], out_dir: Path, quick: bool) -> str:
     plot(results, out_dir / "efficiency.png")
     for entry in results["setups"]:
         if entry.get("profile"):
-            from .profile_lime import format_profile
+            from .profile import format_profile
 
             (out_dir / "profile.md").write_text(format_profile(entry["profile"]))
     return markdown

@@ -96,8 +96,8 @@ def all_methods(include_package: bool) -> list[Method]:
             MIXLORA,
             _mixlora,
             lambda c: mixlora_params(c, RANK, MOE_EXPERTS),
-            "re-implementation (benchmarks/baselines/mixlora.py): LoRA on q/k/v/o, top-2 of 8 LoRA experts on "
-            "gate/up/down sharing the frozen FFN, router hidden->8, load-balance loss",
+            "re-implementation (lime_examples/bench/baselines/mixlora.py): LoRA on q/k/v/o, top-2 of 8 LoRA "
+            "experts on gate/up/down sharing the frozen FFN, router hidden->8, load-balance loss",
         ),
     ]
     if include_package:
@@ -106,7 +106,7 @@ def all_methods(include_package: bool) -> list[Method]:
                 MIXLORA_PKG,
                 _mixlora_pkg,
                 lambda c: mixlora_params(c, RANK, MOE_EXPERTS),
-                "the pip package's own forward, made trainable (benchmarks/baselines/mixlora_pkg.py)",
+                "the pip package's own forward, made trainable (lime_examples/bench/baselines/mixlora_pkg.py)",
             )
         )
     methods.append(
@@ -114,7 +114,7 @@ def all_methods(include_package: bool) -> list[Method]:
             MOLORA,
             _molora,
             lambda c: molora_params(c, RANK, MOE_EXPERTS),
-            "benchmarks/baselines/molora.py: 8 LoRA experts + router in->8 on every target, top-2",
+            "lime_examples/bench/baselines/molora.py: 8 LoRA experts + router in->8 on every target, top-2",
         )
     )
     return methods

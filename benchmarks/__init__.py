@@ -1,1 +1,0 @@
-"""Benchmarks of peft-lime (efficiency against LoRA, MixLoRA and MoLoRA-style baselines)."""

@@ -1,0 +1,1 @@
+"""Benchmark support for benchmarks/: timing harness, methods, parameter formulas, baselines, reports."""
