@@ -13,7 +13,7 @@ from .deltas import DeltaExtractor, LowRankDelta, register_delta
 from .experts import LimeExperts
 from .layer import LimeLayer
 from .model import LimeModel, enable_task_ids, find_lime_model
-from .model_card import enable_lime_model_card, update_lime_model_card
+from .model_card import enable_lime_model_card, install_model_card_hooks, update_lime_model_card
 from .optim import lime_optimizer, lime_param_groups
 from .peft_type import ensure_lime_peft_type
 from .registration import register_lime
@@ -43,6 +43,7 @@ __all__ = [
     "find_lime_model",
     "get_aux_loss",
     "get_routing_stats",
+    "install_model_card_hooks",
     "lime_optimizer",
     "lime_param_groups",
     "register_delta",

@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from typing import Any, Optional
 
 BEGIN = "<!-- peft-lime: begin -->"
@@ -217,3 +218,16 @@ def enable_lime_model_card(peft_model: Any) -> None:
     ):
         # A partial, not a bound method: a bound method pickles by name, which would not find these.
         peft_model.__dict__[name] = functools.partial(method, peft_model)
+
+
+def install_model_card_hooks() -> None:
+    """Deprecated (peft-lime 0.1.0 patched PeftModel for every model): patches nothing now.
+
+    Call ``enable_lime_model_card(peft_model)`` on the LiME model instead (``LimeRoutingCallback`` does).
+    """
+    warnings.warn(
+        "install_model_card_hooks no longer patches PeftModel globally and does nothing; call "
+        "peft_lime.enable_lime_model_card(peft_model) on your LiME model (LimeRoutingCallback does it for you)",
+        DeprecationWarning,
+        stacklevel=2,
+    )

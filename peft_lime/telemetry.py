@@ -16,6 +16,7 @@ from torch import nn
 
 from .layer import LimeLayer
 from .model import find_lime_model
+from .stats import RoutingStats  # noqa: F401  (its home before 0.2; kept importable from here)
 
 # The per-layer scalar statistics that the aggregate averages over layers (and callbacks log).
 SCALAR_KEYS = ("routing_entropy", "active_experts", "load_imbalance", "importance_loss", "kl_loss")

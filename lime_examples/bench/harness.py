@@ -180,19 +180,20 @@ def peak_memory_bytes(t: Trained) -> tuple[int, int]:
 @contextlib.contextmanager
 def lime_stage_labels() -> Iterator[None]:
     """Temporarily wrap LiME's routing stages in ``record_function`` so the profile attributes forward time to them."""
+    import peft_lime.experts as experts_mod
     import peft_lime.layer as layer_mod
     import peft_lime.routing as routing_mod
-    import peft_lime.telemetry as telemetry_mod
+    import peft_lime.stats as stats_mod
 
-    patches: list[tuple[Any, str, Any]] = [
+    patches: list[tuple[Any, str, str]] = [
         (routing_mod, "routing_logits", "lime:routing_logits"),
         (routing_mod, "apply_jitter", "lime:jitter"),
         (routing_mod, "select_experts", "lime:select_experts"),
-        (routing_mod, "causal_window_mean", "lime:causal_window_mean"),
-        (layer_mod.LimeLayer, "_balance", "lime:balance_terms"),
-        (telemetry_mod.RoutingStats, "record", "lime:stats_record"),
-        (telemetry_mod.RoutingStats, "_fold", "lime:stats_fold"),
-        (layer_mod.LimeExperts, "forward", "lime:experts_mix"),
+        (routing_mod, "balance_terms", "lime:balance_terms"),
+        (layer_mod, "window_logits", "lime:window_logits"),
+        (stats_mod.RoutingStats, "record", "lime:stats_record"),
+        (stats_mod.RoutingStats, "_fold", "lime:stats_fold"),
+        (experts_mod.LimeExperts, "forward", "lime:experts_mix"),
         (layer_mod, "inject_aux_loss", "lime:inject_aux_loss"),
         (layer_mod.LimeLayer, "forward", "lime:layer_forward"),
     ]
