@@ -56,6 +56,7 @@ def _lime_breaks(fn, *args) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # about 10 s each: tracing a whole model
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_training_forward_has_no_graph_break_in_peft_lime(setting):
     model = _model(**SETTINGS[setting]).train()
@@ -74,6 +75,7 @@ def test_decode_step_with_dynamic_cache_has_no_graph_break_in_peft_lime(n_gram):
         assert _lime_breaks(step, x[:, 6:7]) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_gram", [3])  # windows, padding mask, statistics and aux term inside one graph
 def test_compiled_training_step_equals_eager(n_gram):
     eager, compiled = _model(n_gram, jitter_noise=0.0), _model(n_gram, jitter_noise=0.0)
@@ -99,6 +101,7 @@ def test_compiled_training_step_equals_eager(n_gram):
         assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_gram", [1, 3])
 def test_static_cache_compiled_generate_equals_eager_logits(n_gram):
     from transformers import CompileConfig
