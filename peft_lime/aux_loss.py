@@ -12,7 +12,11 @@ from .telemetry import lime_layers
 
 
 def get_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """The load-balancing aux loss of the last training forward (detached), summed over layers; None if none."""
+    """The load-balancing aux loss of the last training forward (detached), summed over layers; None if none.
+
+    With ``balance_scope="global"`` it is the global term: the balance of the accumulation window so far over all
+    data-parallel ranks (on the last micro-batch of a window, the whole global batch's).
+    """
     total = None
     for _, layer in lime_layers(model):
         for adapter in layer.active_adapters:

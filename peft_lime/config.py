@@ -9,7 +9,15 @@ from typing import Any, Literal, Optional, Union
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from .config_checks import build_base_config, check_base_config, check_bool, check_choice, check_float, check_int
+from .config_checks import (
+    BALANCE_SCOPES,
+    build_base_config,
+    check_base_config,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+)
 from .peft_type import ensure_lime_peft_type
 
 ensure_lime_peft_type()
@@ -118,6 +126,16 @@ class LimeConfig(PeftConfig):
         default=0.01,
         metadata={"help": "Coefficient of the KL(mean routing || uniform) balance loss, mean over layers."},
     )
+    balance_scope: Literal["micro_batch", "global"] = field(
+        default="micro_batch",
+        metadata={
+            "help": "Tokens the balance losses are computed over. 'micro_batch' (default): the valid tokens of each "
+            "forward, as in the paper. 'global': routing statistics summed over the gradient-accumulation window and "
+            "all data-parallel ranks (Qiu et al. 2025, as in Qwen3-MoE), so a micro-batch or a sequence that holds "
+            "one task is no longer pushed to uniform routing on its own. Costs one all-reduce of E+1 floats per layer "
+            "call under data parallelism; runs eagerly under torch.compile. See peft_lime.balance."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,6 +172,7 @@ class LimeConfig(PeftConfig):
         self.shared_expert = check_bool("shared_expert", self.shared_expert)
         for name in ("expert_init_std", "importance_loss_coef", "kl_loss_coef"):
             setattr(self, name, check_float(name, getattr(self, name), 0))
+        self.balance_scope = check_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
 
     # --- delegation to the base config -------------------------------------------------------------------------
     # PEFT, Transformers and TRL read (and TRL even writes) target_modules, modules_to_save, bias, ... directly on the

@@ -14,6 +14,9 @@ import numpy as np
 from peft import PeftConfig
 from peft.utils import PeftType
 
+# Values of LimeConfig.balance_scope: the tokens the load-balance losses are computed over (see balance.py).
+BALANCE_SCOPES = ("micro_batch", "global")
+
 # Tuners whose layers are not independent (shared matrices owned by the model) or that are not layer tuners at all.
 _SHARED_STATE_REASON = (
     "its layers share state owned by the model (shared projection matrices), so LiME cannot wrap one layer at a time"

@@ -9,6 +9,7 @@ sequence and every token counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -44,6 +45,9 @@ class RoutingContext:
     # When routing statistics are recorded (see telemetry.set_routing_stats_mode): "training" (default: training-mode
     # forwards only, so inference and decoding pay nothing), "always" or "off".
     stats_mode: str = "training"
+    # Called as capture(layer, adapter, weights, layout) with every call's (N, E) mixing weights, while
+    # static_routing.collect_routing_profiles runs; None otherwise (no cost).
+    weights_capture: Optional[Callable[..., None]] = None
 
     def records_stats(self, training: bool) -> bool:
         return self.stats_mode == "always" or (training and self.stats_mode == "training")

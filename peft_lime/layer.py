@@ -18,6 +18,7 @@ from torch import nn
 
 from . import routing
 from .aux_grad import inject_aux_loss
+from .balance import global_balance_terms
 from .context import RoutingContext
 from .deltas import find_extractor
 from .experts import LimeExperts, expert_seed
@@ -73,6 +74,7 @@ class LimeRoutingSettings:
     jitter_noise: float
     importance_loss_coef: float
     kl_loss_coef: float
+    balance_scope: str = "micro_batch"
 
     @classmethod
     def from_config(cls, config: Any) -> LimeRoutingSettings:
@@ -83,7 +85,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
     """LiME wrapper around one tuner layer of the base method (e.g. a ``lora.Linear``)."""
 
     adapter_layer_names = ("lime_experts",)
-    other_param_names = ("lime_routing", "lime_stats")
+    other_param_names = ("lime_routing", "lime_stats", "lime_static_routing")
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: Any, context: RoutingContext, layer_name: str = ""
@@ -96,6 +98,8 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         self.lime_experts = nn.ModuleDict()
         self.lime_routing: dict[str, LimeRoutingSettings] = {}
         self.lime_stats: dict[str, RoutingStats] = {}
+        # Fixed (E,) mixing weights per adapter (static_routing.py): routing is skipped while one is set.
+        self.lime_static_routing: dict[str, torch.Tensor] = {}
         self.layer_name = layer_name
         self._context = context
         self._extractor = find_extractor(base_layer)
@@ -186,7 +190,13 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             if delta.dtype != h.dtype:
                 delta = delta.to(h.dtype)
             delta_slice = delta[..., :E]
-        weights, aux = self._route(adapter, h[..., :E], delta_slice, layout)
+        static = self.lime_static_routing.get(adapter)
+        if static is None:
+            weights, aux = self._route(adapter, h[..., :E], delta_slice, layout)
+        else:
+            weights, aux = static.to(device=h.device, dtype=h.dtype).expand(delta_slice.numel() // E, E), None
+        if self._context.weights_capture is not None:
+            self._context.weights_capture(self, adapter, weights, layout)
         if weights.dtype != h.dtype:
             weights = weights.to(h.dtype)
         out = self.lime_experts[adapter](weights, out, delta, low_rank)
@@ -229,7 +239,11 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         valid = layout.valid.reshape(-1) if (layout is not None and layout.valid is not None) else None
         aux = None
         if self.training:
-            importance, kl, _ = routing.balance_terms(probs, valid)
+            if s.balance_scope == "global" and (s.importance_loss_coef or s.kl_loss_coef):
+                # Statistics of the accumulation window over all data-parallel ranks (balance.py; eager only).
+                importance, kl = global_balance_terms(self, adapter, probs, valid)
+            else:
+                importance, kl, _ = routing.balance_terms(probs, valid)
             n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
             aux = (s.importance_loss_coef * importance + s.kl_loss_coef * kl) / n_layers
             if first_pass:

@@ -242,22 +242,31 @@ def select_experts(
 def balance_terms(probs: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Load-balancing terms over the valid tokens: (importance, kl_uniform, mean_probs).
 
-    importance = E * sum_i pbar_i^2 - 1 (squared coefficient of variation of pbar, 0 when uniform);
-    kl_uniform = sum_i pbar_i * log(E * pbar_i) = KL(pbar || uniform).
-    probs: (N, E); valid: (N,) bool or None.
+    See ``balance_terms_of_mean`` for the terms; probs: (N, E); valid: (N,) bool or None.
     """
-    E = probs.shape[-1]
     if valid is not None:
         w = valid.to(probs.dtype)
         n_valid = w.sum()
         pbar = (w @ probs) / n_valid.clamp_min(1.0)
+        importance, kl = balance_terms_of_mean(pbar)
         # No valid token (an all-padding call): pbar is 0 and both terms are 0, not importance = -1.
-        importance = (torch.dot(pbar, pbar) * E - 1.0) * (n_valid > 0).to(probs.dtype)
+        importance = importance * (n_valid > 0).to(probs.dtype)
     else:
         pbar = probs.mean(0)
-        importance = torch.dot(pbar, pbar) * E - 1.0
-    kl = torch.dot(pbar, torch.log(pbar.clamp_min(1e-12) * E))
+        importance, kl = balance_terms_of_mean(pbar)
     return importance, kl, pbar
+
+
+def balance_terms_of_mean(pbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance, kl_uniform) of mean routing probabilities pbar (E,), wherever they were averaged.
+
+    importance = E * sum_i pbar_i^2 - 1 (squared coefficient of variation of pbar, 0 when uniform);
+    kl_uniform = sum_i pbar_i * log(E * pbar_i) = KL(pbar || uniform).
+    """
+    E = pbar.shape[-1]
+    importance = torch.dot(pbar, pbar) * E - 1.0
+    kl = torch.dot(pbar, torch.log(pbar.clamp_min(1e-12) * E))
+    return importance, kl
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ with MODE one of
     fsdp2_qlora   as fsdp2 on a 4-bit nf4 backbone with bf16 quant storage (the FSDP-QLoRA recipe)
     fsdp1         FullyShardedDataParallel with PEFT's fsdp_auto_wrap_policy, use_orig_params=True
     ddp           DistributedDataParallel
+    balance_global  DDP, one SGD step of a LiME model with balance_scope="global" (tests/test_balance_scope.py): rank 0
+                  writes balance.pt (the updated trainable parameters) and report.json
 Every rank builds the same tiny Llama + LiME (LoRA base) from a fixed seed, wraps it, checks the wrapping really
 happened (accelerate does not shard without a GPU, so "it ran" proves nothing), trains 3 AdamW steps on
 rank-dependent batches, checks the expert vectors moved, computes logits on a fixed evaluation batch and saves the
@@ -112,6 +114,63 @@ def eval_batch() -> dict[str, torch.Tensor]:
 def train_batch(rank: int, step: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(100 * rank + step)
     return torch.randint(3, VOCAB, (2, 12), generator=gen)
+
+
+# --- balance_scope="global" under DDP (tests/test_balance_scope.py) ------------------------------------------------------
+BALANCE_LR = 0.5
+
+
+def balance_model(seed: int = 0, scope: str = "global"):
+    """Tiny Llama + LiME whose balance loss matters: strong coefficients, experts far from 1, no jitter or dropout."""
+    from peft import LoraConfig, get_peft_model
+
+    import peft_lime
+
+    config = peft_lime.LimeConfig(
+        base=LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False),
+        num_experts=NUM_EXPERTS,
+        jitter_noise=0.0,
+        importance_loss_coef=1.0,
+        kl_loss_coef=0.1,
+        balance_scope=scope,
+    )
+    model = get_peft_model(build_base(seed), config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, peft_lime.LimeExperts):
+                module.weight.normal_(generator=gen)
+                module.shared.normal_(generator=gen)
+                module.gate.fill_(0.5)
+    return model
+
+
+def balance_batch(rank: int) -> dict[str, torch.Tensor]:
+    """A rank-dependent batch with left padding in another row on each rank.
+
+    Every rank has 20 label tokens, so DDP's average of the per-rank mean LM losses is the merged batch's mean loss.
+    """
+    gen = torch.Generator().manual_seed(500 + rank)
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=gen)
+    mask = torch.ones_like(input_ids)
+    mask[1 - rank, :3] = 0
+    input_ids = input_ids.masked_fill(mask == 0, 0)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
+def balance_step(model, batch: dict[str, torch.Tensor]) -> float:
+    """One SGD step on the LM loss plus the injected balance loss; returns the LM loss."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=BALANCE_LR)
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def trainable_params(model) -> dict[str, torch.Tensor]:
+    return {_clean(n): p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # --- helpers used only inside the distributed run --------------------------------------------------------------------
@@ -264,9 +323,47 @@ def _check_routing_sync(model, peft_model, rank: int, world: int) -> dict:
     return {"layers": len(synced), "max_error": worst, "rank_spread": spread}
 
 
+def _run_balance_global(out: Path, rank: int, world: int) -> None:
+    """DDP step with the global balance scope; counts the all-reduces LiME makes (one per layer call expected)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import peft_lime
+    from peft_lime import balance
+
+    model = balance_model(seed=0)
+    reduce_calls = []
+    data_parallel_sum = balance.data_parallel_sum
+
+    def counting(local: torch.Tensor):
+        reduced, n_ranks = data_parallel_sum(local)
+        reduce_calls.append(n_ranks)
+        return reduced, n_ranks
+
+    balance.data_parallel_sum = counting
+    loss = balance_step(DDP(model), balance_batch(rank))
+    layers = [m for m in model.modules() if isinstance(m, peft_lime.LimeLayer)]
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, float(peft_lime.get_aux_loss(model)))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(trainable_params(model), out / "balance.pt")
+        report = {
+            "world_size": world,
+            "lime_layers": len(layers),
+            "reduce_calls": reduce_calls,
+            "aux_per_rank": everyone,
+            "loss_rank0": loss,
+            # The optimizer step closed every window.
+            "windows_open_after_step": sum(balance.window_of(m, "default").sums is not None for m in layers),
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["fsdp2", "fsdp2_leaves", "fsdp2_qlora", "fsdp1", "ddp"], required=True)
+    parser.add_argument(
+        "--mode", choices=["fsdp2", "fsdp2_leaves", "fsdp2_qlora", "fsdp1", "ddp", "balance_global"], required=True
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -275,6 +372,11 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, world
+    if args.mode == "balance_global":
+        _run_balance_global(args.out, rank, world)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     report: dict = {"mode": args.mode, "world_size": world}
 
     if args.mode == "fsdp2_qlora":

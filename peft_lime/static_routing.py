@@ -1,0 +1,212 @@
+"""Static routing: hold every LiME layer's mixing weights fixed, and measure the weights to hold.
+
+With fixed weights w (one (E,) vector per layer) the modulation m = 1 + g * p_s + w @ (P - 1) no longer depends on the
+input, so LiME becomes the base adapter with its output scaled channel-wise by m: for LoRA exactly a LoRA with
+B' = diag(m) B (see export.py). ``collect_routing_profiles`` measures the weights on data (the mean mixing weights of
+the valid tokens of each task, and of all tokens), ``static_routing`` runs the model with them: what an exported
+adapter computes, in the LiME model itself.
+
+A profile is a dict {layer name: (E,) float32 tensor}, the layer names being those of the base model's modules
+(``LimeLayer.layer_name``); profiles are saved as one safetensors file by ``save_routing_profiles``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .layer import LimeLayer
+from .layout import TokenLayout
+
+RoutingProfile = dict[str, torch.Tensor]
+GLOBAL_PROFILE = "global"
+# Profile and layer names are joined with this in the safetensors keys (it cannot occur in a module path).
+_KEY_SEPARATOR = "::"
+
+
+def _lime_layers(model: nn.Module) -> list[LimeLayer]:
+    layers = [m for m in model.modules() if isinstance(m, LimeLayer)]
+    if not layers:
+        raise ValueError("model: no LiME layer found (pass the PeftModel returned by get_peft_model with a LimeConfig)")
+    return layers
+
+
+def _adapter_of(layers: list[LimeLayer], adapter_name: Optional[str]) -> str:
+    if adapter_name is not None:
+        if not any(adapter_name in layer.lime_experts for layer in layers):
+            known = sorted({a for layer in layers for a in layer.lime_experts})
+            raise ValueError(f"adapter_name: no LiME adapter {adapter_name!r} in the model (it has {known})")
+        return adapter_name
+    active = layers[0].active_adapters
+    if len(active) != 1:
+        raise ValueError(f"adapter_name: the model has {len(active)} active adapters {active}; name one")
+    return active[0]
+
+
+def set_static_routing(
+    model: nn.Module, profile: Optional[Mapping[str, torch.Tensor]], adapter_name: Optional[str] = None
+) -> None:
+    """Route every token of every LiME layer with the fixed weights of ``profile``; ``None`` restores routing.
+
+    Args:
+        model: a model with LiME layers (PeftModel, LimeModel or the adapted base model).
+        profile: {layer name: (E,) mixing weights}, one entry per LiME layer of the adapter (e.g. an entry of
+            ``collect_routing_profiles``'s result), or None to route per token again.
+        adapter_name: the LiME adapter (default: the active one).
+
+    Raises:
+        ValueError: a layer is missing from ``profile``, a name matches no layer, or a vector has the wrong size or
+            is not finite.
+    """
+    layers = _lime_layers(model)
+    adapter = _adapter_of(layers, adapter_name)
+    layers = [layer for layer in layers if adapter in layer.lime_experts]
+    if profile is None:
+        for layer in layers:
+            layer.lime_static_routing.pop(adapter, None)
+        return
+    names = {layer.layer_name for layer in layers}
+    missing, unknown = sorted(names - set(profile)), sorted(set(profile) - names)
+    if missing or unknown:
+        raise ValueError(
+            f"profile: its layers must be the LiME layers of adapter {adapter!r}; missing {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}, unknown {unknown[:3]}{' ...' if len(unknown) > 3 else ''}"
+        )
+    checked = {}
+    for layer in layers:
+        E = layer.lime_routing[adapter].num_experts
+        weights = torch.as_tensor(profile[layer.layer_name], dtype=torch.float32).detach().flatten()
+        if weights.numel() != E or not torch.isfinite(weights).all():
+            raise ValueError(f"profile[{layer.layer_name!r}]: expected {E} finite mixing weights, got {weights}")
+        checked[layer] = weights
+    for layer, weights in checked.items():
+        layer.lime_static_routing[adapter] = weights.to(layer.lime_experts[adapter].weight.device)
+
+
+@contextlib.contextmanager
+def static_routing(
+    model: nn.Module, profile: Mapping[str, torch.Tensor], adapter_name: Optional[str] = None
+) -> Iterator[None]:
+    """Context manager form of ``set_static_routing``: per-token routing comes back on exit."""
+    set_static_routing(model, profile, adapter_name)
+    try:
+        yield
+    finally:
+        set_static_routing(model, None, adapter_name)
+
+
+class _WeightSums:
+    """Per layer: the sum of mixing weights and the token count, overall and per task id."""
+
+    def __init__(self, adapter: str, n_tasks: int) -> None:
+        self.adapter, self.n_tasks = adapter, n_tasks
+        self.sums: dict[str, torch.Tensor] = {}  # layer name -> (1 + n_tasks, E + 1): weights, then count
+        self.task_ids: Optional[torch.Tensor] = None  # (B,) of the current batch
+
+    @torch.no_grad()
+    def __call__(self, layer: LimeLayer, adapter: str, weights: torch.Tensor, layout: Optional[TokenLayout]) -> None:
+        if adapter != self.adapter:
+            return
+        E = weights.shape[-1]
+        w = weights.reshape(-1, E).float()
+        valid = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+        if layout is not None and layout.valid is not None:
+            valid = layout.valid.reshape(-1).float()
+        rows = torch.cat([w * valid[:, None], valid[:, None]], dim=1)
+        acc = self.sums.setdefault(layer.layer_name, torch.zeros(1 + self.n_tasks, E + 1, device=w.device))
+        acc[0] += rows.sum(0)
+        if self.n_tasks and self.task_ids is not None and layout is not None:
+            if w.shape[0] % self.task_ids.numel():
+                raise ValueError("batches: task_ids must hold one id per row of input_ids")
+            per_token = self.task_ids.to(w.device).repeat_interleave(w.shape[0] // self.task_ids.numel())
+            acc.index_add_(0, per_token + 1, rows)
+
+    def profiles(self, names: Sequence[str]) -> dict[str, RoutingProfile]:
+        out: dict[str, RoutingProfile] = {}
+        for index, name in enumerate([GLOBAL_PROFILE, *names]):
+            counts = {layer: acc[index, -1] for layer, acc in self.sums.items()}
+            if not counts or min(float(c) for c in counts.values()) <= 0:
+                raise ValueError(f"batches: no valid token of {name!r} was seen; cannot measure its routing")
+            out[name] = {layer: (acc[index, :-1] / acc[index, -1]).cpu() for layer, acc in self.sums.items()}
+        return out
+
+
+@torch.no_grad()
+def collect_routing_profiles(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    task_names: Optional[Sequence[str]] = None,
+    adapter_name: Optional[str] = None,
+) -> dict[str, RoutingProfile]:
+    """Mean mixing weights (after selection) of the valid tokens, overall and per task, in every LiME layer.
+
+    The model runs in eval mode without gradients (the training mode is restored after). Modulation is linear in
+    the weights, so a profile's weights give the mean modulation of the tokens they were measured on.
+
+    Args:
+        model: the PeftModel (or any model with LiME layers) to run; called as ``model(**batch)``.
+        batches: model inputs (e.g. a DataLoader); with ``task_names``, each batch holds ``task_ids`` (one integer
+            id per row, an index into ``task_names``), which is removed before the call.
+        task_names: names of the task ids; None measures the "global" profile only.
+        adapter_name: the LiME adapter (default: the active one).
+
+    Returns:
+        {"global": profile, task name: profile, ...}, each {layer name: (E,) weights}.
+    """
+    layers = _lime_layers(model)
+    adapter = _adapter_of(layers, adapter_name)
+    names = list(task_names or [])
+    if GLOBAL_PROFILE in names or len(set(names)) != len(names):
+        raise ValueError(f"task_names: must be distinct and must not be {GLOBAL_PROFILE!r}; got {names}")
+    context = layers[0]._context
+    sums = _WeightSums(adapter, len(names))
+    was_training = model.training
+    model.eval()
+    context.weights_capture = sums
+    try:
+        for batch in batches:
+            batch = dict(batch)
+            task_ids = batch.pop("task_ids", None)
+            if names:
+                if task_ids is None:
+                    raise ValueError("batches: task_names were given, so every batch needs task_ids")
+                task_ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+                if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(names)):
+                    raise ValueError(f"batches: task_ids must index task_names (0..{len(names) - 1})")
+            sums.task_ids = task_ids if names else None
+            model(**batch)
+    finally:
+        context.weights_capture = None
+        model.train(was_training)
+    return sums.profiles(names)
+
+
+def save_routing_profiles(profiles: Mapping[str, Mapping[str, torch.Tensor]], path: Union[str, Path]) -> None:
+    """Write profiles (as returned by ``collect_routing_profiles``) to one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for profile, weights in profiles.items():
+        if _KEY_SEPARATOR in profile or not profile:
+            raise ValueError(f"profiles: profile names must be non-empty and free of {_KEY_SEPARATOR!r}: {profile!r}")
+        for layer, w in weights.items():
+            tensors[f"{profile}{_KEY_SEPARATOR}{layer}"] = torch.as_tensor(w, dtype=torch.float32).contiguous()
+    save_file(tensors, str(path), metadata={"format": "peft_lime.routing_profiles"})
+
+
+def load_routing_profiles(path: Union[str, Path]) -> dict[str, RoutingProfile]:
+    """Read a file written by ``save_routing_profiles``."""
+    from safetensors.torch import load_file
+
+    profiles: dict[str, RoutingProfile] = {}
+    for key, w in load_file(str(path)).items():
+        profile, sep, layer = key.partition(_KEY_SEPARATOR)
+        if not sep:
+            raise ValueError(f"{path}: {key!r} is not a routing-profile key (written by save_routing_profiles?)")
+        profiles.setdefault(profile, {})[layer] = w
+    return profiles
