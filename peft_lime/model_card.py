@@ -53,6 +53,7 @@ _ROUTING_FIELDS = (
     "expert_init_std",
     "importance_loss_coef",
     "kl_loss_coef",
+    "balance_scope",
 )
 # Base-config fields worth a line in the card (the full config is in adapter_config.json).
 _AUTO_CLASSES = {
