@@ -22,6 +22,7 @@ from .registration import register_lime
 from .static_routing import (
     collect_routing_profiles,
     load_routing_profiles,
+    recording_routing_profiles,
     save_routing_profiles,
     set_static_routing,
     static_routing,
@@ -58,6 +59,7 @@ __all__ = [
     "LimeModel",
     "load_routing_profiles",
     "LowRankDelta",
+    "recording_routing_profiles",
     "recording_routing_stats",
     "register_delta",
     "register_lime",

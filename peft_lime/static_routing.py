@@ -100,40 +100,72 @@ def static_routing(
         set_static_routing(model, None, adapter_name)
 
 
-class _WeightSums:
-    """Per layer: the sum of mixing weights and the token count, overall and per task id."""
+class RoutingProfileRecorder:
+    """Sums the mixing weights of every LiME layer's valid tokens, overall and per task id (see
+    ``recording_routing_profiles``); ``profiles()`` turns them into means."""
 
-    def __init__(self, adapter: str, n_tasks: int) -> None:
-        self.adapter, self.n_tasks = adapter, n_tasks
-        self.sums: dict[str, torch.Tensor] = {}  # layer name -> (1 + n_tasks, E + 1): weights, then count
-        self.task_ids: Optional[torch.Tensor] = None  # (B,) of the current batch
+    def __init__(self, context: Any, adapter: str, task_names: Sequence[str]) -> None:
+        self._context, self.adapter, self.task_names = context, adapter, list(task_names)
+        self._sums: dict[str, torch.Tensor] = {}  # layer name -> (1 + tasks, E + 1): weight sums, then token count
 
     @torch.no_grad()
     def __call__(self, layer: LimeLayer, adapter: str, weights: torch.Tensor, layout: Optional[TokenLayout]) -> None:
         if adapter != self.adapter:
             return
-        E = weights.shape[-1]
+        E, n_tasks = weights.shape[-1], len(self.task_names)
         w = weights.reshape(-1, E).float()
         valid = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
         if layout is not None and layout.valid is not None:
             valid = layout.valid.reshape(-1).float()
         rows = torch.cat([w * valid[:, None], valid[:, None]], dim=1)
-        acc = self.sums.setdefault(layer.layer_name, torch.zeros(1 + self.n_tasks, E + 1, device=w.device))
+        acc = self._sums.setdefault(layer.layer_name, torch.zeros(1 + n_tasks, E + 1, device=w.device))
         acc[0] += rows.sum(0)
-        if self.n_tasks and self.task_ids is not None and layout is not None:
-            if w.shape[0] % self.task_ids.numel():
-                raise ValueError("batches: task_ids must hold one id per row of input_ids")
-            per_token = self.task_ids.to(w.device).repeat_interleave(w.shape[0] // self.task_ids.numel())
-            acc.index_add_(0, per_token + 1, rows)
+        task_ids = self._context.task_ids
+        if n_tasks and layout is not None:
+            if task_ids is None:
+                raise ValueError("task_ids: task names were given, so every call needs task ids (one per row)")
+            task_ids = task_ids.reshape(-1).to(device=w.device, dtype=torch.long)
+            if w.shape[0] % task_ids.numel() or int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks:
+                raise ValueError(f"task_ids: one id per row of input_ids, each in 0..{n_tasks - 1}; got {task_ids}")
+            acc.index_add_(0, task_ids.repeat_interleave(w.shape[0] // task_ids.numel()) + 1, rows)
 
-    def profiles(self, names: Sequence[str]) -> dict[str, RoutingProfile]:
+    def profiles(self) -> dict[str, RoutingProfile]:
+        """{"global": profile, task name: profile, ...}: mean mixing weights per layer."""
         out: dict[str, RoutingProfile] = {}
-        for index, name in enumerate([GLOBAL_PROFILE, *names]):
-            counts = {layer: acc[index, -1] for layer, acc in self.sums.items()}
-            if not counts or min(float(c) for c in counts.values()) <= 0:
-                raise ValueError(f"batches: no valid token of {name!r} was seen; cannot measure its routing")
-            out[name] = {layer: (acc[index, :-1] / acc[index, -1]).cpu() for layer, acc in self.sums.items()}
+        for index, name in enumerate([GLOBAL_PROFILE, *self.task_names]):
+            counts = [float(acc[index, -1]) for acc in self._sums.values()]
+            if not counts or min(counts) <= 0:
+                raise ValueError(f"no valid token of {name!r} was routed: cannot measure its routing")
+            out[name] = {layer: (acc[index, :-1] / acc[index, -1]).cpu() for layer, acc in self._sums.items()}
         return out
+
+
+@contextlib.contextmanager
+def recording_routing_profiles(
+    model: nn.Module, task_names: Optional[Sequence[str]] = None, adapter_name: Optional[str] = None
+) -> Iterator[RoutingProfileRecorder]:
+    """Record the mixing weights of every forward made inside the block (any call path: a VLM wrapper, generate).
+
+    Per-task profiles read each call's task ids as the per-task telemetry does: ``task_ids=`` on the PeftModel call
+    with ``peft_lime.enable_task_ids(model)``, one id per row (an index into ``task_names``).
+
+        with peft_lime.recording_routing_profiles(model, ["qa", "sql"]) as recorder:
+            for batch in loader: model(**batch)
+        profiles = recorder.profiles()
+    """
+    layers = _lime_layers(model)
+    names = list(task_names or [])
+    if GLOBAL_PROFILE in names or len(set(names)) != len(names):
+        raise ValueError(f"task_names: must be distinct and must not be {GLOBAL_PROFILE!r}; got {names}")
+    context = layers[0]._context
+    if context.weights_capture is not None:
+        raise RuntimeError("recording_routing_profiles: already recording on this model")
+    recorder = RoutingProfileRecorder(context, _adapter_of(layers, adapter_name), names)
+    context.weights_capture = recorder
+    try:
+        yield recorder
+    finally:
+        context.weights_capture = None
 
 
 @torch.no_grad()
@@ -158,32 +190,22 @@ def collect_routing_profiles(
     Returns:
         {"global": profile, task name: profile, ...}, each {layer name: (E,) weights}.
     """
-    layers = _lime_layers(model)
-    adapter = _adapter_of(layers, adapter_name)
-    names = list(task_names or [])
-    if GLOBAL_PROFILE in names or len(set(names)) != len(names):
-        raise ValueError(f"task_names: must be distinct and must not be {GLOBAL_PROFILE!r}; got {names}")
-    context = layers[0]._context
-    sums = _WeightSums(adapter, len(names))
     was_training = model.training
     model.eval()
-    context.weights_capture = sums
     try:
-        for batch in batches:
-            batch = dict(batch)
-            task_ids = batch.pop("task_ids", None)
-            if names:
-                if task_ids is None:
+        with recording_routing_profiles(model, task_names, adapter_name) as recorder:
+            context = recorder._context
+            for batch in batches:
+                batch = dict(batch)
+                task_ids = batch.pop("task_ids", None)
+                if task_names and task_ids is None:
                     raise ValueError("batches: task_names were given, so every batch needs task_ids")
-                task_ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-                if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(names)):
-                    raise ValueError(f"batches: task_ids must index task_names (0..{len(names) - 1})")
-            sums.task_ids = task_ids if names else None
-            model(**batch)
+                # read by the wrapped model's pre-hook, as enable_task_ids does with a PeftModel's task_ids
+                context.pending_task_ids = torch.as_tensor(task_ids) if task_names else None
+                model(**batch)
     finally:
-        context.weights_capture = None
         model.train(was_training)
-    return sums.profiles(names)
+    return recorder.profiles()
 
 
 def save_routing_profiles(profiles: Mapping[str, Mapping[str, torch.Tensor]], path: Union[str, Path]) -> None:

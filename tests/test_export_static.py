@@ -119,6 +119,23 @@ def test_profiles_are_mean_mixing_weights_of_valid_tokens():
     assert model.base_model.routing_context.weights_capture is None and not model.training
 
 
+def test_recording_context_reads_task_ids_of_any_call_path():
+    model = _lime(LoraConfig(**LORA))
+    batches = _batches(2)
+    expected = collect_routing_profiles(model, batches, task_names=TASKS)
+    peft_lime.enable_task_ids(model)
+    with torch.no_grad(), peft_lime.recording_routing_profiles(model, TASKS) as recorder:
+        for b in batches:
+            model(**b)  # task_ids on the PeftModel call, as the per-task telemetry reads them
+    got = recorder.profiles()
+    for name in expected:
+        for layer in expected[name]:
+            torch.testing.assert_close(got[name][layer], expected[name][layer], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="task_ids"), peft_lime.recording_routing_profiles(model, TASKS):
+        _logits(model, batches[0])  # no task ids
+    assert model.base_model.routing_context.weights_capture is None
+
+
 def test_static_routing_validates_profile():
     model = _lime(LoraConfig(**LORA))
     profile = collect_routing_profiles(model, _batches(1))["global"]
