@@ -9,8 +9,9 @@ Protocol (identical for every method):
 - data: mini-MMT (lime_examples/mini_mmt) with fixed splits (``--data_seed``); batches drawn in an order set by the
   run's seed, so every method sees the same batches in the same order for a given seed;
 - learning rate: each method gets the same search budget, the grid ``--lrs``, trained with seed ``seeds[0]`` and
-  scored on the VALIDATION split; the best lr is then trained with the other seeds. The test split is scored on every
-  run but never used for a choice;
+  scored on the VALIDATION split; the lowest lr within one validation item of the best is then trained with the other
+  seeds, whose test scores make the reported mean (the search seed's test score is not part of it). The test split is
+  never used for a choice;
 - scoring: log-likelihood of each closed-set candidate answer (never substring matching); per-task accuracy and the
   macro mean; mean +- std over seeds.
 
@@ -114,10 +115,13 @@ def run_once(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Train one method with one (lr, seed) and score validation and test."""
-    torch.manual_seed(seed)
-    model, aux_fn = build(fresh_base(base_config, base_state, torch.device("cpu")))
+    base = fresh_base(base_config, base_state, torch.device("cpu"))
     proj_config = ProjectorConfig(hidden_size=base_config.hidden_size)
-    projector = PatchProjector(proj_config, embed_rms=embedding_rms(model))
+    # The projector is drawn BEFORE the adapter: its initialisation then depends on the seed only, not on how many
+    # random numbers the method's adapter consumed (which differ between methods).
+    torch.manual_seed(seed)
+    projector = PatchProjector(proj_config, embed_rms=embedding_rms(base))
+    model, aux_fn = build(base)
     enc = PromptEncoder(tokenizer, proj_config.num_patches, max_prompt_tokens=args.max_prompt_tokens)
     vlm = MiniVLM(model, projector)
     params = [p for p in vlm.parameters() if p.requires_grad]
@@ -192,7 +196,9 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         "",
         f"Protocol: {result['args']['steps']} steps, batch {result['args']['batch_size']}, AdamW, cosine schedule, "
         f"grad-clip 1.0; lr grid {result['args']['lrs']} searched with seed {result['args']['seeds'][0]} on the "
-        f"validation split (same budget for every method); seeds {result['args']['seeds']} at the chosen lr; "
+        f"validation split (same budget for every method; the lowest lr within one validation item of the best); "
+        f"seeds {result['args']['seeds']} at the chosen lr, the test mean over seeds {result['args']['seeds'][1:]} "
+        "(the search seed is left out when others exist); "
         "test accuracy by log-likelihood of each candidate answer. Caps per task: "
         f"train {result['args']['train_cap']}, validation {result['args']['val_cap']}, test "
         f"{result['args']['test_cap']}. The test split is never used for a choice.",

@@ -1,8 +1,9 @@
-"""The protocol both quality benchmarks share: lr search on validation, seeds at the chosen lr, resumable run log.
+"""The protocol of benchmarks/quality.py: lr search on validation, seeds at the chosen lr, resumable run log.
 
 A run is a dict with at least ``method``, ``lr``, ``seed``, ``trainable``, ``train_s`` and a ``test`` report
-``{"macro": float, "per_task": {task: float}}`` (plus ``validation`` when there is an lr to choose). The test report
-is never used for a choice.
+``{"macro": float, "per_task": {task: float}}`` (plus ``validation`` when there is an lr to choose, with per-task item
+counts ``n`` when known). The test report is never used for a choice, and the seed that chose the lr is not part of
+the reported test mean (``summarise``) whenever other seeds exist.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from .paired_stats import choose_lr
+from .separation_report import fmt_lr
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -57,24 +61,45 @@ class RunLog:
 def search_then_seeds(
     methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int], run: Callable[[str, float, int], dict]
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Same budget for every method: each lr of the grid with ``seeds[0]``, the best by VALIDATION macro, then the
-    other seeds at that lr. Returns all runs and the chosen lr per method."""
+    """Same budget for every method: each lr of the grid with ``seeds[0]``, chosen on VALIDATION (the lowest lr
+    within one item of the most items correct, see paired_stats.choose_lr), then the other seeds at that lr. Returns
+    all runs and the chosen lr per method."""
     runs: list[dict[str, Any]] = []
     best_lr: dict[str, float] = {}
     for name in methods:
         search = [run(name, lr, seeds[0]) for lr in lrs]
-        best = max(search, key=lambda r: r["validation"]["macro"]) if len(search) > 1 else search[0]
-        best_lr[name] = best["lr"]
+        best_lr[name] = search[0]["lr"]
+        if len(search) > 1:
+            scored = {r["lr"]: validation_score(r["validation"]) for r in search}
+            tolerance = min(tol for _, tol in scored.values())
+            best_lr[name] = choose_lr({lr: score for lr, (score, _) in scored.items()}, tolerance)
         runs += search
-        runs += [run(name, best["lr"], seed) for seed in seeds[1:]]
+        runs += [run(name, best_lr[name], seed) for seed in seeds[1:]]
     return runs, best_lr
 
 
+def validation_score(report: dict[str, Any]) -> tuple[float, int]:
+    """(score, tolerance) of a validation report for ``choose_lr``: items answered correctly (from the per-task
+    accuracies and counts ``n``) with a tolerance of one item; without counts, the macro accuracy rounded to 6
+    decimals (so two equal accuracies never differ by float noise) with no tolerance."""
+    counts = report.get("n")
+    if counts:
+        return float(sum(round(report["per_task"][t] * n) for t, n in counts.items())), 1
+    return round(report["macro"], 6), 0
+
+
 def summarise(runs: list[dict[str, Any]], best_lr: dict[str, float]) -> dict[str, Any]:
-    """Per method at its chosen lr: test macro and per-task mean +- std over seeds."""
+    """Per method at its chosen lr: test macro and per-task mean +- std over the reporting seeds.
+
+    The seed of the lr search (the first run of each method) chose the lr on validation; it is left out of the test
+    mean whenever other seeds ran at the chosen lr (with a single seed it is all there is, and is reported).
+    """
     out = {}
     for name, lr in best_lr.items():
         chosen = [r for r in runs if r["method"] == name and r["lr"] == lr]
+        search_seed = next(r["seed"] for r in runs if r["method"] == name)
+        if any(r["seed"] != search_seed for r in chosen):
+            chosen = [r for r in chosen if r["seed"] != search_seed]
         tasks = list(chosen[0]["test"]["per_task"])
         out[name] = {
             "lr": lr,
@@ -113,7 +138,7 @@ def results_table(summary: dict[str, Any]) -> list[str]:
     for name, s in summary.items():
         cells = [f"{s['per_task'][t][0]:.3f} +- {s['per_task'][t][1]:.3f}" for t in tasks]
         lines.append(
-            f"| {name} | {s['trainable']:,} | {s['lr']:g} | **{s['macro'][0]:.3f} +- {s['macro'][1]:.3f}** | "
+            f"| {name} | {s['trainable']:,} | {fmt_lr(s['lr'])} | **{s['macro'][0]:.3f} +- {s['macro'][1]:.3f}** | "
             + " | ".join(cells)
             + " |"
         )
@@ -137,7 +162,7 @@ def chance_line(chance: dict[str, Any], tasks: Sequence[str]) -> str:
 def lr_search_table(runs: list[dict[str, Any]], summary: dict[str, Any], lrs: Sequence[float], seed: int) -> list[str]:
     """Markdown section with the validation macro of every (method, lr) of the search."""
     lines = ["", f"## Learning-rate search (validation macro, seed {seed})", ""]
-    lines += ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    lines += ["| method | " + " | ".join(f"lr {fmt_lr(lr)}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
     for name in summary:
         vals = {r["lr"]: r["validation"]["macro"] for r in runs if r["method"] == name and r["seed"] == seed}
         lines.append(f"| {name} | " + " | ".join(f"{vals.get(lr, float('nan')):.3f}" for lr in lrs) + " |")
