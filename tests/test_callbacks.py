@@ -174,7 +174,7 @@ def _task_dataset(n_per_task: int, seed: int = 0, first_id: int = 0):
     return Dataset.from_dict(rows)
 
 
-def _task_trainer(tmp_path: Path, remove_unused_columns: bool, callback: LimeRoutingCallback):
+def _task_trainer(tmp_path: Path, remove_unused_columns: bool, callback: LimeRoutingCallback, **overrides):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from tests.test_training import _common_args
@@ -190,6 +190,7 @@ def _task_trainer(tmp_path: Path, remove_unused_columns: bool, callback: LimeRou
         eval_steps=2,
         per_device_eval_batch_size=6,
         remove_unused_columns=remove_unused_columns,  # False keeps the task_id column for the collator
+        **overrides,
     )
     collator = peft_lime.TaskIdsCollator(DataCollatorForLanguageModeling(word_tokenizer(), mlm=False))
     return Trainer(
@@ -274,3 +275,72 @@ def test_statistics_are_synced_across_ranks_before_each_read(tmp_path, monkeypat
     reads = 2 + 1  # two training logs (steps 2 and 4) and train end; the two evaluation logs read nothing
     assert events == (["sync", "read"] * reads if sync_ranks else ["read"] * reads)
     assert all("lime/routing_entropy" in h for h in trainer.state.log_history if "loss" in h)
+
+
+# --- console output (issue 16) --------------------------------------------------------------------------------------
+COMPACT = {"loss", "lr", "routing_entropy", "active_experts", "task_expert_mi"}
+
+
+def _console_logs(capsys) -> list[dict]:
+    """The dicts the Trainer printed (ProgressCallback above its bar, or PrinterCallback), from captured stdout."""
+    import ast
+
+    out = capsys.readouterr().out
+    return [ast.literal_eval(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])  # ProgressCallback / PrinterCallback
+def test_console_is_compact_by_default(tmp_path, capsys, disable_tqdm):
+    callback = LimeRoutingCallback(task_names=TASKS, plots=False)
+    assert callback.console == "compact"
+    trainer = _task_trainer(tmp_path, remove_unused_columns=False, callback=callback, disable_tqdm=disable_tqdm)
+    capsys.readouterr()
+    trainer.train()
+    printed = _console_logs(capsys)
+    train_lines = [d for d in printed if "loss" in d]
+    assert len(train_lines) == 2  # logging_steps=2, max_steps=4: one line per log
+    assert all(set(d) == COMPACT for d in train_lines), train_lines
+    assert any("eval_loss" in d for d in printed)  # evaluation logs still print, with their own keys
+    assert not any(k.startswith("lime/") for d in printed for k in d)
+    # only the console is filtered: the history (and report_to) keep every key
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(f"lime/task/{TASKS[0]}/expert_0" in h and "grad_norm" in h for h in logs)
+
+
+@pytest.mark.parametrize("console", ["full", "off"])
+def test_console_full_and_off(tmp_path, capsys, console):
+    trainer = _task_trainer(
+        tmp_path, remove_unused_columns=False, callback=LimeRoutingCallback(task_names=TASKS, plots=False,
+                                                                             console=console)
+    )
+    capsys.readouterr()
+    trainer.train()
+    train_lines = [d for d in _console_logs(capsys) if "loss" in d]
+    assert len(train_lines) == 2 and all("grad_norm" in d for d in train_lines)
+    if console == "full":  # what transformers prints by default: every key, per-task routing included
+        assert all(f"lime/task/{TASKS[2]}/expert_3" in d and "lime/routing_entropy" in d for d in train_lines)
+    else:
+        assert not any(k.startswith("lime/") for d in train_lines for k in d)
+    assert all("lime/routing_entropy" in h for h in trainer.state.log_history if "loss" in h)
+
+
+def test_console_mode_is_validated_and_filter_installs_once():
+    from transformers.trainer_callback import ProgressCallback
+
+    from trainer_callbacks import CONSOLE_MODES
+    from trainer_callbacks.console import console_logs, install_console_filter
+
+    assert CONSOLE_MODES == ("compact", "full", "off")
+    with pytest.raises(ValueError, match="console"):
+        LimeRoutingCallback(console="verbose")
+    with pytest.raises(ValueError, match="console"):
+        console_logs({"loss": 1.0}, "quiet")
+    progress = ProgressCallback()
+    original = progress.on_log
+    assert install_console_filter([progress, LimeRoutingCallback()], "off") == 1
+    assert install_console_filter([progress], "compact") == 1  # a second install only changes the mode
+    assert progress.on_log.on_log == original and progress.on_log.mode == "compact"
+    logs = {"loss": 1.0, "learning_rate": 0.1, "grad_norm": 2.0, "lime/routing_entropy": 0.5, "lime/task/a/expert_0": 1}
+    assert console_logs(logs, "compact") == {"loss": 1.0, "lr": 0.1, "routing_entropy": 0.5}
+    assert console_logs(logs, "off") == {"loss": 1.0, "learning_rate": 0.1, "grad_norm": 2.0}
+    assert console_logs(logs, "full") == logs

@@ -230,3 +230,39 @@ def test_collator_labels_only_answer_tokens() -> None:
         assert batch["attention_mask"][b].sum() == n
         assert batch["input_ids"][b, n - len(answer):n].tolist() == answer
     assert batch["task_ids"].tolist() == [ex.task_id for ex in examples]
+
+
+# --- main job helpers (issue 16) -----------------------------------------------------------------------------------
+def test_tabular_rows_are_training_deciles() -> None:
+    """Every tabular feature becomes one digit: its decile among the training rows (never the test rows)."""
+    from lime_examples.mini_mmt.tasks import decile_edges, to_deciles
+
+    train = torch.arange(100.0).reshape(100, 1)
+    edges = decile_edges(train)
+    assert [to_deciles(torch.tensor([v]), edges)[0] for v in (-5.0, 0.0, 10.0, 55.0, 99.0, 1e6)] == [0, 0, 1, 5, 9, 9]
+    built = BUILDERS["iris"](TASKS[4], 0)
+    assert len(built["test"]) >= 60  # the small tables give 40 % of their rows to the test split
+    digits = [int(tok) for ex in built["train"] for tok in ex.prompt.split("\n")[0].split() if tok.isdigit()]
+    assert len(digits) == 4 * len(built["train"]) and set(digits) == set(range(10))
+
+
+def test_paired_bootstrap_and_distinct_predictions() -> None:
+    from lime_examples.main_job import balanced_train_set, correct_items, distinct_predictions, paired_bootstrap
+
+    examples = [Example(t, f"t{t}", "text", f"p{i}", ("a", "b"), "ab"[i % 2], f"g{t}-{i}") for t in (0, 1)
+                for i in range(20)]
+    always = [[1.0, 0.0] if ex.label == "a" else [0.0, 1.0] for ex in examples]  # always right
+    constant = [[1.0, 0.0]] * len(examples)  # always "a": right half of the time
+    right, half = correct_items(examples, always), correct_items(examples, constant)
+    assert sum(right) == 40 and sum(half) == 20
+    same = paired_bootstrap(examples, half, half, n_resamples=200)
+    assert same["estimate"] == same["ci_low"] == same["ci_high"] == 0.0 and not same["excludes_zero"]
+    gain = paired_bootstrap(examples, right, half, n_resamples=500)
+    assert gain["estimate"] == pytest.approx(0.5) and gain["excludes_zero"]
+    assert 0.25 < gain["ci_low"] < 0.5 < gain["ci_high"] < 0.75
+    assert gain == paired_bootstrap(examples, right, half, n_resamples=500)  # seeded
+    stuck = distinct_predictions(examples, constant)["t0"]
+    assert stuck == {"distinct": 1, "labels": 2, "most_common": "a", "most_common_share": 1.0}
+    mixed = balanced_train_set(examples[:3] + examples[20:], per_task=10, seed=0)
+    assert [ex.task for ex in mixed].count("t0") == 10 and [ex.task for ex in mixed].count("t1") == 10
+    assert {ex.prompt for ex in mixed if ex.task == "t0"} == {"p0", "p1", "p2"}  # small tasks are cycled

@@ -1,5 +1,6 @@
 """Trainer callbacks for LiME routing telemetry (transformers' Trainer and TRL's trainers)."""
 
+from .console import CONSOLE_MODES
 from .lime_routing import LimeRoutingCallback
 
-__all__ = ["LimeRoutingCallback"]
+__all__ = ["CONSOLE_MODES", "LimeRoutingCallback"]

@@ -18,6 +18,9 @@ import peft_lime
 from peft_lime.telemetry import SCALAR_KEYS as LAYER_KEYS
 from peft_lime.telemetry import mean_task_usage, task_expert_mutual_information
 
+from .console import check_console_mode, install_console_filter
+from .run_totals import RunTotals
+
 logger = logging.getLogger(__name__)
 
 # Logged from the aggregate: the per-layer scalars averaged over layers, plus the configured aux loss.
@@ -27,47 +30,6 @@ FIGURES = {
     "active_experts": "lime_active_experts.png",
     "task_expert_usage": "lime_task_expert_usage.png",
 }
-
-
-class _RunTotals:
-    """Host-side, token-weighted totals of the statistics logged so far in this run (for the figures)."""
-
-    def __init__(self) -> None:
-        self.layer_tokens: dict[str, float] = {}
-        self.layer_load: dict[str, list[float]] = {}
-        self.task_probs: dict[str, dict[int, list[float]]] = {}
-        self.task_tokens: dict[str, dict[int, float]] = {}
-        self.histogram: list[float] = []
-
-    def add(self, layers: Mapping[str, Mapping[str, Any]]) -> None:
-        for name, v in layers.items():
-            n = v["tokens"]
-            self.layer_tokens[name] = self.layer_tokens.get(name, 0.0) + n
-            load = self.layer_load.setdefault(name, [0.0] * len(v["load"]))
-            self.layer_load[name] = [a + n * b for a, b in zip(load, v["load"])]
-            probs, tokens = self.task_probs.setdefault(name, {}), self.task_tokens.setdefault(name, {})
-            for t, usage in v["task_usage"].items():
-                w = v["task_tokens"][t]
-                acc = probs.get(t, [0.0] * len(usage))
-                probs[t] = [a + w * u for a, u in zip(acc, usage)]
-                tokens[t] = tokens.get(t, 0.0) + w
-            hist = v.get("active_histogram", [])
-            if len(self.histogram) < len(hist):
-                self.histogram += [0.0] * (len(hist) - len(self.histogram))
-            for i, c in enumerate(hist):
-                self.histogram[i] += c
-
-    def layer_usage(self) -> dict[str, list[float]]:
-        return {n: [x / max(self.layer_tokens[n], 1e-12) for x in load] for n, load in self.layer_load.items()}
-
-    def layer_task_summaries(self) -> list[dict[str, Any]]:
-        out = []
-        for name, probs in self.task_probs.items():
-            tokens = self.task_tokens[name]
-            out.append(
-                {"task_usage": {t: [x / tokens[t] for x in p] for t, p in probs.items()}, "task_tokens": tokens}
-            )
-        return out
 
 
 class LimeRoutingCallback(TrainerCallback):
@@ -104,6 +66,11 @@ class LimeRoutingCallback(TrainerCallback):
         sync_ranks (`bool`, *optional*, defaults to `True`):
             Under DDP / FSDP (torch.distributed initialised, several ranks), sum the statistics over all ranks before
             logging, so every rank logs the routing of the global batch (one all-reduce per log).
+        console (`str`, *optional*, defaults to `"compact"`):
+            What the Trainer prints for each log (its tqdm bar stays): `"compact"`, one short line per training log
+            (loss, lr, routing entropy, active experts, task-expert MI); `"full"`, every key as transformers prints
+            by default (per-task and per-layer keys included); `"off"`, the Trainer's own keys without any `lime/*`
+            key. Only the console changes: `log_history` and the `report_to` integrations receive every key.
     """
 
     def __init__(
@@ -115,7 +82,9 @@ class LimeRoutingCallback(TrainerCallback):
         plot_steps: Optional[int] = None,
         capture_task_ids: bool = True,
         sync_ranks: bool = True,
+        console: str = "compact",
     ) -> None:
+        self.console = check_console_mode(console)
         if plot_steps is not None and plot_steps < 1:
             raise ValueError(f"plot_steps: must be None or >= 1, got {plot_steps}")
         self.per_layer = per_layer
@@ -129,13 +98,13 @@ class LimeRoutingCallback(TrainerCallback):
         self.sync_ranks = sync_ranks
         self._handler: Optional[CallbackHandler] = None
         self._model = None
-        self._totals = _RunTotals()
+        self._totals = RunTotals()
         self._own_tb_writer = None
         self.written_figures: list[str] = []
 
     # --- callback order -------------------------------------------------------------------------------------
     def _move_first(self) -> None:
-        """Put this callback first in the Trainer's callback list.
+        """Put this callback first in the Trainer's callback list and filter what its printing callbacks show.
 
         Callbacks passed to ``Trainer(callbacks=...)`` come after the ``report_to`` integrations, which would then
         see ``logs`` before this callback adds the LiME keys. Callbacks receive no reference to the Trainer, so the
@@ -149,6 +118,7 @@ class LimeRoutingCallback(TrainerCallback):
             owner = frame.f_locals.get("self")
             if isinstance(owner, CallbackHandler) and any(cb is self for cb in owner.callbacks):
                 self._handler = owner
+                install_console_filter(owner.callbacks, self.console)
                 if owner.callbacks[0] is not self:
                     owner.callbacks = [self] + [cb for cb in owner.callbacks if cb is not self]
                 return
@@ -186,7 +156,7 @@ class LimeRoutingCallback(TrainerCallback):
             peft_lime.enable_lime_model_card(model)
         # Statistics recorded before training (a pre-train evaluation, a manual forward) are not part of the run.
         peft_lime.reset_routing_stats(model)
-        self._totals = _RunTotals()
+        self._totals = RunTotals()
 
     def _set_recording(self, enabled: bool) -> None:
         if self._model is not None:

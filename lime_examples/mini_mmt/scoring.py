@@ -2,8 +2,10 @@
 given the prompt; the prediction is the argmax. No generation, no substring matching.
 
 Batched for speed: each prompt runs once (left-padded, with explicit position ids so positions match training),
-the first token of every candidate is read off the prompt's last logits, and the remaining tokens of multi-token
-candidates run as one batch of continuations on a copy of the prompt's KV cache, gathered per candidate row.
+followed by the tokens all its candidates share (" 0" ... " 9" share " "); the first token of each candidate after
+them is read off that forward's last logits, so candidates that differ in one token cost one forward per prompt.
+Remaining tokens of multi-token candidates run as one batch of continuations on a copy of the prompt's KV cache,
+one row per distinct continuation input.
 ``share_prompt=False`` scores each (prompt + candidate) row in full instead: slower, and what LiME with
 ``n_gram > 1`` needs (its routing window state cannot follow a gathered cache).
 """
@@ -56,35 +58,53 @@ def _task_kwargs(batch: Sequence[Example], rows: Optional[torch.Tensor], with_ta
     return {"task_ids": ids if rows is None else ids[rows]}
 
 
+def _common_prefix(candidates: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """Leading tokens shared by every candidate, leaving each at least one token of its own."""
+    limit = min(len(t) for t in candidates) - 1
+    n = 0
+    while n < limit and all(t[n] == candidates[0][n] for t in candidates):
+        n += 1
+    return candidates[0][:n]
+
+
 @torch.no_grad()
 def _score_shared(
     vlm: MiniVLM, enc: PromptEncoder, batch: Sequence[Example], with_task_ids: bool, max_rows: int
 ) -> list[list[float]]:
     device = _device(vlm)
-    input_ids, attention_mask, image_mask = _left_pad([enc.prompt(ex) for ex in batch], enc.pad_token_id, device)
+    answers = [[enc.answer(c) for c in ex.candidates] for ex in batch]
+    common = [_common_prefix(toks) for toks in answers]
+    encoded = []
+    for ex, shared in zip(batch, common):
+        ids, img = enc.prompt(ex)
+        encoded.append((ids + list(shared), img + [False] * len(shared)))
+    input_ids, attention_mask, image_mask = _left_pad(encoded, enc.pad_token_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     pixel_values = stack_images(list(batch), vlm.projector.config.image_size).to(device)
     embeds = vlm.embed(input_ids, pixel_values, image_mask)
+    keep = max(len(c) for c in common) + 1
     out = vlm.lm(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=keep,
         **_task_kwargs(batch, None, with_task_ids, device),
     )
-    first = out.logits[:, -1].float().log_softmax(-1)
+    logp = out.logits.float().log_softmax(-1)  # (B, keep, V); position keep - 1 is each row's last token
     scores: list[list[float]] = []
     # Continuation rows: one per distinct (prompt, candidate tokens but the last); candidates sharing that input
-    # (e.g. " 0" ... " 9" = " " + digit) read their last token off the same row.
+    # read their last token off the same row. Tokens shared by all candidates of an example ran with the prompt.
     row_of: dict[tuple[int, tuple[int, ...]], int] = {}
     rows: list[tuple[int, tuple[int, ...]]] = []
     targets: list[tuple[int, int, int, tuple[int, ...]]] = []  # (example, candidate, row, tokens)
-    for b, ex in enumerate(batch):
+    for b, (cand_toks, shared) in enumerate(zip(answers, common)):
+        n = len(shared)
+        base = sum(float(logp[b, keep - 1 - n + j, t]) for j, t in enumerate(shared))
         row_scores = []
-        for c, cand in enumerate(ex.candidates):
-            toks = enc.answer(cand)
-            row_scores.append(float(first[b, toks[0]]))
+        for c, full in enumerate(cand_toks):
+            toks = full[n:]
+            row_scores.append(base + float(logp[b, keep - 1, toks[0]]))
             if len(toks) > 1:
                 key = (b, toks[:-1])
                 if key not in row_of:

@@ -6,16 +6,17 @@ Every task has a closed label set and is built from data inside pip packages:
 id  task            modality  prompt                                       labels
 ==  ==============  ========  ===========================================  ==========================
 0   chat_topic      text      a chatterbot-corpus question                 its category (21 names)
-1   chat_answer     text      question + 4 candidate answers               letter A-D
+1   chat_answer     text      question + 2 candidate replies               letter A / B
 2   digits          image     8x8 handwritten digit (scikit-learn)         0-9
 3   easy_vqa        image     64x64 synthetic image + question (easy-vqa)  13 answers
-4   iris            tabular   iris measurements rendered as text           3 species
-5   wine            tabular   four wine features rendered as text          3 cultivars
-6   breast_cancer   tabular   four tumour features rendered as text        malignant / benign
+4   iris            tabular   four measurements as deciles (one digit)     3 species
+5   wine            tabular   four wine features as deciles                3 cultivars
+6   breast_cancer   tabular   four tumour features as deciles              malignant / benign
 ==  ==============  ========  ===========================================  ==========================
 
 easy-vqa's official test images form the test split; its training images give train and validation. The other
-tasks are split by ``data.split_units``.
+tasks are split by ``data.split_units`` (the three small tables with ``TABULAR_FRACTIONS``: 40 % test). Tabular
+deciles are computed on the training rows only.
 """
 
 from __future__ import annotations
@@ -46,18 +47,15 @@ from .data import (
 
 logger = logging.getLogger(__name__)
 
-MAX_WORDS_QUESTION = 20
-MAX_WORDS_ANSWER = 8
+# Clipping keeps prompts short: a shuffled multi-task batch is padded to its longest prompt.
+MAX_WORDS_QUESTION = 12
+MAX_WORDS_CHOICE_QUESTION = 8  # chat_answer: its prompt holds the question and two replies
+MAX_WORDS_ANSWER = 4
 
 
 def _clip_words(text: str, n: int) -> str:
     words = str(text).split()
     return " ".join(words[:n]) + (" ..." if len(words) > n else "")
-
-
-def _fmt(x: float) -> str:
-    """Three significant digits, no exponent for the ranges in these datasets."""
-    return f"{float(x):.3g}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def _build_chat_answer(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
         if a not in answers_of[q]:
             answers_of[q].append(a)
     assign = split_units(list(answers_of), seed)
-    letters = ("A", "B", "C", "D")
+    letters = ("A", "B")
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for split in SPLITS:
         questions = sorted(q for q in answers_of if assign[q] == split)
@@ -106,13 +104,13 @@ def _build_chat_answer(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
             own = set(answers_of[q])
             gold = rng.choice(answers_of[q])
             options = [a for a in pool if a not in own]
-            if len(options) < 3:
+            if not options:
                 continue
-            distractors = rng.sample(options, 3)
-            slot = (i + rng.randrange(4)) % 4
+            distractors = rng.sample(options, 1)
+            slot = (i + rng.randrange(2)) % 2
             choices = distractors[:slot] + [gold] + distractors[slot:]
             lines = "\n".join(f"{letter}. {_clip_words(c, MAX_WORDS_ANSWER)}" for letter, c in zip(letters, choices))
-            prompt = f"Question: {_clip_words(q, MAX_WORDS_QUESTION)}\n{lines}\nBest reply:"
+            prompt = f"Question: {_clip_words(q, MAX_WORDS_CHOICE_QUESTION)}\n{lines}\nBetter reply:"
             out[split].append(Example(task.task_id, task.name, task.modality, prompt, letters, letters[slot], q))
     return out
 
@@ -177,39 +175,61 @@ def _build_easy_vqa(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
     return out
 
 
-# Feature subsets keep the rendered rows short (a few dozen tokens); they are the classic separating features.
+# Tabular rows become a few one-digit tokens: each feature is replaced by its decile (0-9) among the task's TRAINING
+# rows, so a number costs two tokens (space, digit) and "larger than" is an order on digits the LM already has. Feature subsets are
+# the classic separating features. The small tables give 40% of their rows to the test split (at least 60 items).
+TABULAR_FRACTIONS = (0.5, 0.1, 0.4)
 _TABULAR = {
     "iris": dict(
         loader="load_iris",
+        title="Iris",
+        features=((0, "sepal length"), (1, "width"), (2, "petal length"), (3, "width")),
         labels=("setosa", "versicolor", "virginica"),
-        render=lambda r: f"Iris flower: sepal {_fmt(r[0])} x {_fmt(r[1])} cm, petal {_fmt(r[2])} x {_fmt(r[3])} cm.\n"
-        "Species:",
+        cue="Species",
     ),
     "wine": dict(
         loader="load_wine",
-        # The three cultivars of the UCI wine data (Forina et al.): classes 0, 1, 2.
+        title="Wine",
+        features=((0, "alcohol"), (6, "flavanoids"), (9, "color"), (12, "proline")),
+        # The three cultivars of the UCI wine data (Forina et al., PARVUS): classes 0, 1, 2.
         labels=("barolo", "grignolino", "barbera"),
-        render=lambda r: f"Wine: alcohol {_fmt(r[0])}%, flavanoids {_fmt(r[6])}, color intensity {_fmt(r[9])}, "
-        f"proline {_fmt(r[12])}.\nCultivar:",
+        cue="Cultivar",
     ),
     "breast_cancer": dict(
         loader="load_breast_cancer",
+        title="Tumor",
+        features=((0, "radius"), (1, "texture"), (23, "worst area"), (27, "concavity")),
         labels=("malignant", "benign"),
-        render=lambda r: f"Tumor: mean radius {_fmt(r[0])}, mean texture {_fmt(r[1])}, worst area {_fmt(r[23])}, "
-        f"worst concave points {_fmt(r[27])}.\nDiagnosis:",
+        cue="Diagnosis",
     ),
 }
+
+
+def decile_edges(values: torch.Tensor) -> torch.Tensor:
+    """(n_rows, n_features) -> (9, n_features): the 10 %, 20 %, ..., 90 % quantiles of each column."""
+    return torch.quantile(values.double(), torch.linspace(0.1, 0.9, 9, dtype=torch.float64), dim=0)
+
+
+def to_deciles(row: torch.Tensor, edges: torch.Tensor) -> list[int]:
+    """Decile (0-9) of each feature of one row, given ``decile_edges`` of the training rows."""
+    return [int(torch.searchsorted(edges[:, j].contiguous(), row[j].double(), right=True)) for j in range(len(row))]
 
 
 def _build_tabular(task: TaskInfo, seed: int) -> dict[str, list[Example]]:
     datasets = importlib.import_module(f"{require(task).__name__}.datasets")
     spec = _TABULAR[task.name]
     bunch = getattr(datasets, spec["loader"])()
+    columns = [j for j, _ in spec["features"]]
+    table = torch.as_tensor(bunch.data)[:, columns]
     units = [f"{task.name}:{i}" for i in range(len(bunch.target))]
-    assign = split_units(units, seed)
+    assign = split_units(units, seed, TABULAR_FRACTIONS)
+    edges = decile_edges(table[[i for i, u in enumerate(units) if assign[u] == "train"]])  # training rows only
     out: dict[str, list[Example]] = {s: [] for s in SPLITS}
     for i, unit in enumerate(units):
-        ex = Example(task.task_id, task.name, task.modality, spec["render"](bunch.data[i]), spec["labels"],
+        bins = to_deciles(table[i], edges)
+        text = " ".join(f"{name} {b}" for (_, name), b in zip(spec["features"], bins))
+        prompt = f"{spec['title']}: {text}\n{spec['cue']}:"
+        ex = Example(task.task_id, task.name, task.modality, prompt, spec["labels"],
                      spec["labels"][int(bunch.target[i])], unit)
         out[assign[unit]].append(ex)
     return out

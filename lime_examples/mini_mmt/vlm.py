@@ -149,9 +149,20 @@ class MiniVLM(nn.Module):
         task_ids: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ) -> Any:
-        """Causal-LM forward on the merged embeddings; ``task_ids`` go to the PEFT model (LiME telemetry)."""
+        """Causal-LM forward on the merged embeddings; ``task_ids`` go to the PEFT model (LiME telemetry).
+
+        With ``labels``, the LM head runs only from the position before the first labelled token to the end (the
+        loss is the same, the 49k-way head over prompt positions is skipped): with left padding (``TrainCollator(...,
+        padding_side="left")``) that is the answer tokens plus one.
+        """
         if task_ids is not None:
             kwargs["task_ids"] = task_ids
+        if labels is not None and "logits_to_keep" not in kwargs:
+            labelled = (labels != -100).any(dim=0).nonzero()
+            if len(labelled):
+                keep = labels.shape[1] - int(labelled[0]) + 1
+                kwargs["logits_to_keep"] = keep
+                labels = labels[:, -keep:]
         embeds = self.embed(input_ids, pixel_values, image_mask)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -206,12 +217,17 @@ class TrainCollator:
     """Batches for teacher-forced training: labels on the answer tokens only, right padding.
 
     Emits input_ids, attention_mask, labels, pixel_values (zeros for text rows), image_mask and task_ids. Items may
-    be Examples or ``{"example": Example, ...}`` dicts (see ``length_indexed``).
+    be Examples or ``{"example": Example, ...}`` dicts (see ``length_indexed``). ``padding_side="left"`` puts every
+    answer at the end of its row (so ``MiniVLM`` runs the LM head on the last few positions only) and adds
+    ``position_ids`` counting from each row's first real token, as the scorer does.
     """
 
-    def __init__(self, encoder: PromptEncoder, image_size: int = IMAGE_SIZE) -> None:
+    def __init__(self, encoder: PromptEncoder, image_size: int = IMAGE_SIZE, padding_side: str = "right") -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
         self.encoder = encoder
         self.image_size = image_size
+        self.padding_side = padding_side
 
     def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
         """Collate a list of Examples (or ``{"example": ...}`` dicts) into tensors."""
@@ -229,10 +245,14 @@ class TrainCollator:
         image_mask = torch.zeros((B, T), dtype=torch.bool)
         for b, (ids, img, lab) in enumerate(rows):
             n = len(ids)
-            input_ids[b, :n] = torch.tensor(ids)
-            attention_mask[b, :n] = 1
-            labels[b, :n] = torch.tensor(lab)
-            image_mask[b, :n] = torch.tensor(img)
+            cols = slice(T - n, T) if self.padding_side == "left" else slice(0, n)
+            input_ids[b, cols] = torch.tensor(ids)
+            attention_mask[b, cols] = 1
+            labels[b, cols] = torch.tensor(lab)
+            image_mask[b, cols] = torch.tensor(img)
+        extra = {}
+        if self.padding_side == "left":
+            extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -240,6 +260,7 @@ class TrainCollator:
             "pixel_values": stack_images(examples, self.image_size),
             "image_mask": image_mask,
             "task_ids": torch.tensor([ex.task_id for ex in examples], dtype=torch.long),
+            **extra,
         }
 
 

@@ -1,0 +1,128 @@
+"""Training for the main job: adapter configs, a task-balanced training set, one transformers Trainer run."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..mini_mmt.data import Example
+from ..mini_mmt.vlm import MiniVLM, PromptEncoder, TrainCollator
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+METHODS = ("lime", "lora")
+
+
+def adapter_config(method: str, rank: int, num_experts: int, targets: Sequence[str] = TARGETS) -> Any:
+    """LiME over LoRA, or the plain PEFT LoRA it is compared with (same rank, alpha = 2 r, targets)."""
+    from peft import LoraConfig
+
+    import peft_lime
+
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets))
+    return peft_lime.LimeConfig(base=lora, num_experts=num_experts) if method == "lime" else lora
+
+
+def balanced_train_set(examples: Sequence[Example], per_task: int, seed: int) -> list[Example]:
+    """Every task contributes ``per_task`` examples: its own, cycled when it has fewer (small tables), so the
+    shuffled batches mix the tasks in equal shares whatever the size of their sources."""
+    by_task: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        by_task[ex.task].append(ex)
+    rng = random.Random(seed)
+    out: list[Example] = []
+    for task in sorted(by_task):
+        own = list(by_task[task])
+        reps = []
+        while len(reps) < per_task:
+            rng.shuffle(own)
+            reps.extend(own[: per_task - len(reps)])
+        out.extend(reps)
+    return out
+
+
+def _optimizer(vlm: MiniVLM, lr: float, projector_lr: float) -> torch.optim.Optimizer:
+    adapter = [p for p in vlm.lm.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": adapter, "lr": lr, "weight_decay": 0.0},
+            {"params": list(vlm.projector.parameters()), "lr": projector_lr, "weight_decay": 0.0},
+        ],
+        betas=(0.9, 0.99),
+    )
+
+
+def train(
+    vlm: MiniVLM,
+    enc: PromptEncoder,
+    train_set: Sequence[Example],
+    task_names: Mapping[int, str],
+    settings: Mapping[str, Any],
+    out_dir: Path,
+    use_gpu: bool,
+    console: str = "compact",
+) -> dict[str, Any]:
+    """Fine-tune the adapter and the projector with transformers' Trainer (shuffled, task-mixed batches; linear
+    warm-up then cosine decay). ``settings``: max_steps, batch_size, lr, projector_lr, warmup_ratio, logging_steps,
+    seed. Returns steps, loss, seconds and the log history (with the LiME routing keys when the model has LiME)."""
+    from transformers import Trainer, TrainingArguments
+
+    import peft_lime
+    from trainer_callbacks import LimeRoutingCallback
+
+    try:
+        peft_lime.find_lime_model(vlm.lm)
+        has_lime = True
+    except ValueError:  # the plain LoRA of --compare lora
+        has_lime = False
+    callbacks = [LimeRoutingCallback(task_names=dict(task_names), console=console)] if has_lime else []
+    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    targs = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=settings["max_steps"],
+        per_device_train_batch_size=settings["batch_size"],
+        learning_rate=settings["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(settings["warmup_ratio"] * settings["max_steps"])),
+        logging_steps=settings["logging_steps"],
+        save_strategy="no",
+        report_to=report_to,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not use_gpu,
+        bf16=use_gpu,
+        seed=settings["seed"],
+        max_grad_norm=1.0,
+        disable_tqdm=False,  # the default follows the transformers logger, which the demo quiets
+    )
+    trainer = Trainer(
+        model=vlm,
+        args=targs,
+        train_dataset=list(train_set),
+        data_collator=TrainCollator(enc, vlm.projector.config.image_size, padding_side="left"),
+        optimizers=(_optimizer(vlm, settings["lr"], settings["projector_lr"]), None),
+        callbacks=callbacks,
+    )
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    return {
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(result.global_step, 1),
+        "examples_seen": result.global_step * settings["batch_size"],
+        "report_to": report_to,
+        "log_history": [h for h in trainer.state.log_history if "loss" in h],
+    }
