@@ -69,3 +69,16 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     # one compact console line per training log (the default of LimeRoutingCallback), no per-task keys
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{'loss'")]
     assert len(lines) >= r["args"]["max_steps"] and not any("lime/task/" in ln for ln in proc.stdout.splitlines())
+
+    # issue 17: the static-routing comparison runs on the demo's output; exported adapters score like static routing
+    se = tmp_path / "static_export"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "static_export.py"), "--demo_dir", str(out), "--profile_items", "2",
+         "--bootstrap", "100", "--out", str(se)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    s = json.loads(se.with_suffix(".json").read_text())
+    assert set(s["accuracy"]) == {"dynamic", "static_per_task", "static_global", "exported_per_task"}
+    assert s["exported_predictions_equal"] and s["exported_vs_static_max_abs_score_diff"] < 1e-3
+    assert s["accuracy"]["exported_per_task"] == s["accuracy"]["static_per_task"]
