@@ -89,3 +89,14 @@ def lora(**kwargs):
 def lime(base=None, **kwargs):
     kwargs.setdefault("num_experts", 4)
     return peft_lime.LimeConfig(base=base if base is not None else lora(), **kwargs)
+
+
+def scatter_experts(model, seed: int = 1, gate: float = 0.5) -> None:
+    """Expert vectors, shared vectors and gates far from their init (1 and 0), so that a wrong route shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, peft_lime.LimeExperts):
+                module.weight.normal_(generator=gen)
+                module.shared.normal_(generator=gen)
+                module.gate.fill_(gate)

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from tests._models import tiny_llama_config
+    from tests._models import scatter_experts, tiny_llama_config
 except ImportError:  # run as a script without the repository root on sys.path: tests/ itself is sys.path[0]
-    from _models import tiny_llama_config
+    from _models import scatter_experts, tiny_llama_config
 
 # The parent imports the builders below from tests.distributed_worker; keep them free of distributed state.
 VOCAB = 128
@@ -135,13 +135,7 @@ def balance_model(seed: int = 0, scope: str = "global"):
         balance_scope=scope,
     )
     model = get_peft_model(build_base(seed), config)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, peft_lime.LimeExperts):
-                module.weight.normal_(generator=gen)
-                module.shared.normal_(generator=gen)
-                module.gate.fill_(0.5)
+    scatter_experts(model, seed=seed + 1)
     return model
 
 

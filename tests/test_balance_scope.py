@@ -28,17 +28,11 @@ STRONG = dict(importance_loss_coef=1.0, kl_loss_coef=0.1)  # the balance gradien
 # --- helpers ----------------------------------------------------------------------------------------------------------
 def _model(scope: str = "global", **overrides):
     """Tiny Llama + LiME (4 experts on q / v / up), experts far from 1 so that later layers' routes depend on them."""
-    from ._models import lora
+    from ._models import lora, scatter_experts
 
     overrides = {"jitter_noise": 0.0, **STRONG, **overrides}
     model = get_peft_model(tiny_llama(seed=0), lime(lora(target_modules=TARGETS), balance_scope=scope, **overrides))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, peft_lime.LimeExperts):
-                module.weight.normal_(generator=gen)
-                module.shared.normal_(generator=gen)
-                module.gate.fill_(0.5)
+    scatter_experts(model, seed=1)
     return model.train()
 
 
