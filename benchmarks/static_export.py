@@ -32,7 +32,15 @@ import peft_lime
 from lime_examples.assets import fresh_base, load_causal_lm
 from lime_examples.main_job.run_info import machine_info
 from lime_examples.main_job.stats import correct_items, paired_bootstrap
-from lime_examples.mini_mmt import MiniVLM, PromptEncoder, SplitCaps, load_mini_mmt, load_projector, score_examples
+from lime_examples.mini_mmt import (
+    MiniVLM,
+    PromptEncoder,
+    SplitCaps,
+    accuracy_report,
+    load_mini_mmt,
+    load_projector,
+    score_examples,
+)
 from lime_examples.mini_mmt.data import Example
 
 logger = logging.getLogger("static_export")
@@ -46,14 +54,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/static_export")
     return p.parse_args(argv)
-
-
-def _accuracy(examples: list[Example], correct: list[int]) -> dict[str, Any]:
-    per_task: dict[str, list[int]] = {}
-    for ex, c in zip(examples, correct):
-        per_task.setdefault(ex.task, []).append(c)
-    acc = {t: sum(v) / len(v) for t, v in per_task.items()}
-    return {"per_task": acc, "macro": sum(acc.values()) / len(acc)}
 
 
 def _score_per_task(vlm: MiniVLM, enc: PromptEncoder, examples: list[Example], profiles: dict, batch: int) -> list:
@@ -123,8 +123,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 exported_scores[i] = s
     diff = max(abs(a - b) for r1, r2 in zip(exported_scores, scores["static_per_task"]) for a, b in zip(r1, r2))
 
+    scores["exported_per_task"] = exported_scores
     correct = {k: correct_items(evals, v) for k, v in scores.items()}
-    correct["exported_per_task"] = correct_items(evals, exported_scores)
     results = {
         "command": "python benchmarks/static_export.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "demo_command": demo.get("command"),
         "profile_items_per_task": per_task,
         "eval_items": len(evals),
-        "accuracy": {k: _accuracy(evals, v) for k, v in correct.items()},
+        "accuracy": {k: accuracy_report(evals, v) for k, v in scores.items()},
         "minus_dynamic": {k: paired_bootstrap(evals, correct[k], correct["dynamic"], args.bootstrap)
                           for k in ("static_per_task", "static_global")},
         "exported_vs_static_max_abs_score_diff": diff,
