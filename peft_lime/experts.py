@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .deltas import LowRankDelta
+from .low_rank_mix import low_rank_mix, use_low_rank_mix
 from .modulation import modulate
 
 
@@ -77,6 +78,13 @@ class LimeExperts(nn.Module):
         weight = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         if out is None:
             return torch.addmm(offset, mix, weight)
+        if low_rank is not None and use_low_rank_mix(mix.shape[0], out.shape[-1]):
+            # One GEMM for the whole modulated update (low_rank_mix.py), in the output's dtype.
+            a, B, scaling = low_rank
+            a = a.reshape(-1, a.shape[-1])
+            if a.dtype != dtype:
+                a, B = a.to(dtype), B.to(dtype)
+            return low_rank_mix(out, a, mix, B, weight, offset, scaling)
         return modulate(out, mix, weight, offset, delta=delta, low_rank=low_rank)
 
 

@@ -23,6 +23,7 @@ from .context import RoutingContext
 from .deltas import find_extractor
 from .experts import LimeExperts, expert_seed
 from .layout import TokenLayout
+from .low_rank_mix import use_low_rank_mix
 from .stats import RoutingStats
 from .windowing import window_logits
 
@@ -175,10 +176,13 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         self, adapter: str, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor, layout: Optional[TokenLayout]
     ) -> torch.Tensor:
         E = self.lime_routing[adapter].num_experts
-        # Training a low-rank tuner: keep the (N, r) hidden state instead of the (N, d) delta for backward; the
-        # routed slice of delta is recomputed from it (E of d rows of B, a tiny matmul).
+        # A low-rank tuner as factors: training keeps the (N, r) hidden state instead of the (N, d) delta for
+        # backward, and large calls never build delta at all (one GEMM, low_rank_mix.py). The routed slice of delta
+        # is computed from the factors (E of d rows of B, a tiny matmul).
         low_rank = None
-        if torch.is_grad_enabled() and self._extractor.factors is not None:
+        if self._extractor.factors is not None and (
+            torch.is_grad_enabled() or use_low_rank_mix(h.numel() // h.shape[-1], h.shape[-1])
+        ):
             low_rank = self._extractor.factors(self.base_layer, adapter, x)
         if low_rank is not None:
             delta = None

@@ -60,8 +60,8 @@ def set_static_routing(
         adapter_name: the LiME adapter (default: the active one).
 
     Raises:
-        ValueError: a layer is missing from ``profile``, a name matches no layer, or a vector has the wrong size or
-            is not finite.
+        ValueError: a layer is missing from ``profile``, a name matches no layer, or a vector has the wrong size, is
+            not finite, or is not convex (weights >= 0 summing to 1).
     """
     layers = _lime_layers(model)
     adapter = _adapter_of(layers, adapter_name)
@@ -83,6 +83,12 @@ def set_static_routing(
         weights = torch.as_tensor(profile[layer.layer_name], dtype=torch.float32).detach().flatten()
         if weights.numel() != E or not torch.isfinite(weights).all():
             raise ValueError(f"profile[{layer.layer_name!r}]: expected {E} finite mixing weights, got {weights}")
+        # Mixing weights are convex in every routing mode, and the layer's fast path relies on it (low_rank_mix.py).
+        if (weights < 0).any() or abs(float(weights.sum()) - 1.0) > 1e-4:
+            raise ValueError(
+                f"profile[{layer.layer_name!r}]: mixing weights must be >= 0 and sum to 1 (as routing makes them), "
+                f"got {weights.tolist()} (sum {float(weights.sum()):.6g})"
+            )
         checked[layer] = weights
     for layer, weights in checked.items():
         layer.lime_static_routing[adapter] = weights.to(layer.lime_experts[adapter].weight.device)

@@ -98,5 +98,6 @@ def scatter_experts(model, seed: int = 1, gate: float = 0.5) -> None:
         for module in model.modules():
             if isinstance(module, peft_lime.LimeExperts):
                 module.weight.normal_(generator=gen)
-                module.shared.normal_(generator=gen)
-                module.gate.fill_(gate)
+                if module.shared is not None:
+                    module.shared.normal_(generator=gen)
+                    module.gate.fill_(gate)

@@ -146,6 +146,10 @@ def test_static_routing_validates_profile():
         peft_lime.set_static_routing(model, {**profile, layer: torch.ones(3)})
     with pytest.raises(ValueError, match="finite"):
         peft_lime.set_static_routing(model, {**profile, layer: torch.tensor([float("nan"), 0, 0, 1])})
+    with pytest.raises(ValueError, match="sum to 1"):
+        peft_lime.set_static_routing(model, {**profile, layer: torch.tensor([0.5, 0.5, 0.5, 0.0])})
+    with pytest.raises(ValueError, match=">= 0"):
+        peft_lime.set_static_routing(model, {**profile, layer: torch.tensor([1.5, -0.5, 0.0, 0.0])})
     with pytest.raises(ValueError, match="adapter_name"):
         peft_lime.set_static_routing(model, profile, adapter_name="nope")
     with pytest.raises(ValueError, match="task_ids"):

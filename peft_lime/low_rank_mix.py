@@ -1,0 +1,99 @@
+"""LiME over a low-rank adapter (plain LoRA) as ONE matrix product: y = out + s * (a (x) mix) @ M.
+
+For a low-rank delta = s * a @ B.T (a: (N, r), B: (d, r)) and mixing weights that sum to 1 per token, the
+modulated update is a sum over rank r and expert e:
+
+    delta * (offset + mix @ W) = s * sum_{r,e} a[:, r] mix[:, e] * B[:, r] P[e, :],   P = W + offset
+
+(the offset moves into the experts because sum_e mix[:, e] = 1). With z = a (x) mix (N, r E, the per-token outer
+product) and M[(r, e), :] = B[:, r] * P[e, :] (r E, d), that is ``addmm(out, z, M, alpha=s)``: one GEMM with an
+inner size of r E (64 for r = E = 8) replaces LoRA's up-projection, the (N, d) modulation and the two (N, d)
+element-wise products. Element-wise passes over (N, d) are memory-bound; a K = 64 GEMM over the same output is
+compute-bound and cheap, so this costs about what plain LoRA's up-projection + add cost once the (N, d) output no
+longer fits in cache (see ``use_low_rank_mix``). Its backward is two GEMMs (g @ M.T, z.T @ g) and small (N, r E) /
+(r E, d) reductions; only a, mix, B, W and the offset are kept for it (z and M are rebuilt: r E x d per layer would
+otherwise stay alive for every layer until backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this many output elements (N x d) the (N, d) element-wise passes stay in cache and the plain modulation
+# (modulation.py) is cheaper than building M (r E x d) for a GEMM: decoding and short calls take that path.
+LOW_RANK_MIX_MIN_ELEMENTS = 1 << 18
+
+
+def use_low_rank_mix(n_tokens: int, width: int) -> bool:
+    """Whether a call of ``n_tokens`` tokens on an output of ``width`` features takes the single-GEMM path."""
+    return n_tokens * width >= LOW_RANK_MIX_MIN_ELEMENTS
+
+
+def _mix_matrix(B: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """M (r E, d) with M[(r, e)] = B[:, r] * experts[e]; B: (d, r), experts: (E, d)."""
+    r, (E, d) = B.shape[1], experts.shape
+    return (B.t().unsqueeze(1) * experts.unsqueeze(0)).reshape(r * E, d)
+
+
+def _outer(a: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """z (N, r E) with z[:, (r, e)] = a[:, r] * mix[:, e]."""
+    return (a.unsqueeze(-1) * mix.unsqueeze(-2)).reshape(a.shape[0], -1)
+
+
+class _LowRankMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, a, mix, B, weight, offset, scaling):
+        d = out.shape[-1]
+        experts = weight + offset
+        y = torch.addmm(out.reshape(-1, d), _outer(a, mix), _mix_matrix(B, experts), alpha=scaling)
+        ctx.scaling = scaling
+        ctx.save_for_backward(a, mix, B, experts)
+        return y.view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        a, mix, B, experts = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        s = ctx.scaling
+        (N, r), E, d = a.shape, mix.shape[1], B.shape[0]
+        g = grad_y.reshape(-1, d)
+        if g.dtype != a.dtype:
+            g = g.to(a.dtype)
+        grad_a = grad_mix = grad_B = grad_weight = grad_offset = None
+        if need[1] or need[2]:
+            gz = torch.mm(g, _mix_matrix(B, experts).t()).mul_(s).view(N, r, E)
+            grad_a = torch.bmm(gz, mix.unsqueeze(-1)).view(N, r) if need[1] else None
+            grad_mix = torch.bmm(a.unsqueeze(1), gz).view(N, E) if need[2] else None
+        if need[3] or need[4] or need[5]:
+            gm = torch.mm(_outer(a, mix).t(), g).mul_(s).view(r, E, d)
+            grad_B = (gm * experts.unsqueeze(0)).sum(1).t() if need[3] else None
+            if need[4] or need[5]:
+                grad_experts = (gm * B.t().unsqueeze(1)).sum(0)
+                grad_weight = grad_experts if need[4] else None
+                grad_offset = grad_experts.sum(0) if need[5] else None
+        return grad_y if need[0] else None, grad_a, grad_mix, grad_B, grad_weight, grad_offset, None
+
+
+def low_rank_mix(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    mix: torch.Tensor,
+    B: torch.Tensor,
+    weight: torch.Tensor,
+    offset: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """out + s * (a @ B.T) * (mix @ (weight + offset)) as one GEMM (see the module docstring).
+
+    out: (..., d) with N tokens; a: (N, r); mix: (N, E); B: (d, r); weight: (E, d); offset: (d,); all in one dtype.
+    This is LiME's out + delta * (offset + mix @ weight) when the rows of mix sum to 1, which every routing mode
+    guarantees. Off the simplex the two differ by delta * offset * (sum(mix) - 1), so the gradient with respect to
+    mix differs from the written formula's by the same constant for every expert of a token; the softmax or
+    u / sum(u) that makes mix cancels such a constant, so the gradients reaching the router are exactly LiME's.
+    """
+    if torch.is_grad_enabled():
+        return _LowRankMix.apply(out, a, mix, B, weight, offset, scaling)
+    d = out.shape[-1]
+    return torch.addmm(out.reshape(-1, d), _outer(a, mix), _mix_matrix(B, weight + offset), alpha=scaling).view(
+        out.shape
+    )
