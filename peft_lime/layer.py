@@ -175,34 +175,42 @@ class LimeLayer(nn.Module, BaseTunerLayer):
     def _adapter_forward(
         self, adapter: str, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor, layout: Optional[TokenLayout]
     ) -> torch.Tensor:
+        # Written for the fewest Python steps and tensor ops: decoding runs this once per layer and token, where every
+        # op costs its dispatch (narrow rather than [..., :E] indexing, dtype checks before casts).
         E = self.lime_routing[adapter].num_experts
+        dtype, d = h.dtype, h.shape[-1]
         # A low-rank tuner as factors: training keeps the (N, r) hidden state instead of the (N, d) delta for
         # backward, and large calls never build delta at all (one GEMM, low_rank_mix.py). The routed slice of delta
         # is computed from the factors (E of d rows of B, a tiny matmul).
-        low_rank = None
-        if self._extractor.factors is not None and (
-            torch.is_grad_enabled() or use_low_rank_mix(h.numel() // h.shape[-1], h.shape[-1])
-        ):
-            low_rank = self._extractor.factors(self.base_layer, adapter, x)
+        extractor = self._extractor
+        low_rank = extractor.factors(self.base_layer, adapter, x) if extractor.factors is not None else None
+        delta = None
         if low_rank is not None:
-            delta = None
-            delta_slice = (F.linear(low_rank.a, low_rank.B[:E]) * low_rank.scaling).to(h.dtype)
+            a, B, scaling = low_rank
+            if torch.is_grad_enabled() or use_low_rank_mix(h.numel() // d, d):
+                delta_slice = F.linear(a, B.narrow(0, 0, E)) * scaling
+            else:
+                # A small no-grad call (decoding): delta itself, then the plain modulation, is the fewest ops.
+                delta, low_rank = F.linear(a, B) * scaling, None
         else:
-            delta = self._extractor.delta(self.base_layer, x, adapter, h)
+            delta = extractor.delta(self.base_layer, x, adapter, h)
             if delta is None:
                 return out
-            if delta.dtype != h.dtype:
-                delta = delta.to(h.dtype)
-            delta_slice = delta[..., :E]
+        if delta is not None:
+            if delta.dtype != dtype:
+                delta = delta.to(dtype)
+            delta_slice = delta.narrow(-1, 0, E)
+        elif delta_slice.dtype != dtype:
+            delta_slice = delta_slice.to(dtype)
         static = self.lime_static_routing.get(adapter)
         if static is None:
-            weights, aux = self._route(adapter, h[..., :E], delta_slice, layout)
+            weights, aux = self._route(adapter, h.narrow(-1, 0, E), delta_slice, layout)
         else:
-            weights, aux = static.to(device=h.device, dtype=h.dtype).expand(delta_slice.numel() // E, E), None
+            weights, aux = static.to(device=h.device, dtype=dtype).expand(delta_slice.numel() // E, E), None
         if self._context.weights_capture is not None:
             self._context.weights_capture(self, adapter, weights, layout)
-        if weights.dtype != h.dtype:
-            weights = weights.to(h.dtype)
+        if weights.dtype != dtype:
+            weights = weights.to(dtype)
         out = self.lime_experts[adapter](weights, out, delta, low_rank)
         if aux is not None and out.requires_grad:
             out = inject_aux_loss(out, aux, self._context.aux_loss_scale)
@@ -227,8 +235,11 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         stats = self.lime_stats[adapter]
         # Gradient checkpointing re-runs forward inside backward (eager): record statistics only once. A compiled
         # graph runs this Python once, when traced; its recomputation never comes back here.
-        first_pass = torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
-        record = stats.enabled and first_pass and self._context.records_stats(self.training)
+        record = stats.enabled and self._context.records_stats(self.training)
+        first_pass = (record or self.training) and (
+            torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
+        )
+        record = record and first_pass
         selection = routing.select_experts(
             probs,
             top_k=s.top_k,
@@ -240,7 +251,9 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             need_selected=record,
             logits=logits,
         )
-        valid = layout.valid.reshape(-1) if (layout is not None and layout.valid is not None) else None
+        valid = None
+        if (self.training or record) and layout is not None and layout.valid is not None:
+            valid = layout.valid.reshape(-1)
         aux = None
         if self.training:
             if s.balance_scope == "global" and (s.importance_loss_coef or s.kl_loss_coef):

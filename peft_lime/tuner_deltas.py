@@ -38,9 +38,13 @@ def lora_factors(layer: LoraLayer, adapter: str, x: torch.Tensor) -> Optional[Lo
     weight = plain_linear_weight(layer.lora_B[adapter])
     if weight is None:
         return None
-    lora_A = layer.lora_A[adapter]
+    lora_A, dropout = layer.lora_A[adapter], layer.lora_dropout[adapter]
     x = layer._cast_input_dtype(x, lora_A.weight.dtype)
-    return LowRankDelta(lora_A(layer.lora_dropout[adapter](x)), weight, layer.scaling[adapter])
+    weight_A = plain_linear_weight(lora_A)
+    if weight_A is not None and isinstance(dropout, nn.Identity) and not (lora_A._forward_hooks or lora_A._forward_pre_hooks):
+        # The same product without two module calls: decoding pays the Python of every call, once per layer and token.
+        return LowRankDelta(F.linear(x, weight_A), weight, layer.scaling[adapter])
+    return LowRankDelta(lora_A(dropout(x)), weight, layer.scaling[adapter])
 
 
 @register_delta(LoraLayer, check=check_lora_variants, factors=lora_factors)

@@ -37,8 +37,10 @@ def toy_check(layer: ToyLowRankLayer, adapter: str) -> None:
         raise TypeError(f"toy: adapter {adapter} uses a variant LiME cannot wrap")
 
 
-def toy_factors(layer: ToyLowRankLayer, adapter: str, x: torch.Tensor) -> LowRankDelta:
+def toy_factors(layer: ToyLowRankLayer, adapter: str, x: torch.Tensor) -> LowRankDelta | None:
     calls["factors"] += 1
+    if getattr(layer, "no_factors", False):  # e.g. a variant without a low-rank form: the generic path
+        return None
     return LowRankDelta(layer.toy_down[adapter](x), layer.toy_up[adapter].weight, 0.5)
 
 
@@ -79,12 +81,17 @@ def test_toy_tuner_routes_like_the_naive_definition_on_both_paths():
     x = torch.randn(2, 5, 16)
     calls.update(delta=0, factors=0)
     with torch.no_grad():
+        layer.base_layer.no_factors = True
         generic = layer(x)
-    assert calls == {"delta": 1, "factors": 0}  # inference: the generic path
+        assert calls == {"delta": 1, "factors": 1}  # factors refused for this call: the generic path
+        layer.base_layer.no_factors = False
+        inference = layer(x)
+        assert calls == {"delta": 1, "factors": 2}  # inference with factors: delta never asked for
     fast = layer(x)  # grad enabled: the low-rank fast path
-    assert calls["factors"] == 1 and calls["delta"] == 1
+    assert calls["factors"] == 3 and calls["delta"] == 1
     expected = _naive(layer, x)
     torch.testing.assert_close(generic, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inference, expected.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
     # the fast path's own backward gives autograd's gradients of the naive definition
     params = [p for p in layer.parameters() if p.requires_grad]
