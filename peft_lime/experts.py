@@ -67,11 +67,13 @@ class LimeExperts(nn.Module):
         out: Optional[torch.Tensor] = None,
         delta: Optional[torch.Tensor] = None,
         low_rank: Optional[LowRankDelta] = None,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """mix: (N, E) weights summing to 1 per row -> modulation (N, d) = 1 + mix @ (P - 1) + g * p_s.
 
         With ``out`` (and ``delta``, or its low-rank factors) returns the modulated update out + delta * modulation
-        instead, as one memory-lean autograd node (see modulation.py).
+        instead, as one memory-lean autograd node (see modulation.py); ``inplace`` lets the single-GEMM path
+        accumulate into ``out`` (the caller knows nothing reads it afterwards).
         """
         dtype = mix.dtype
         offset = self._offset(dtype, mix.device)
@@ -84,7 +86,7 @@ class LimeExperts(nn.Module):
             a = a.reshape(-1, a.shape[-1])
             if a.dtype != dtype:
                 a, B = a.to(dtype), B.to(dtype)
-            return low_rank_mix(out, a, mix, B, weight, offset, scaling)
+            return low_rank_mix(out, a, mix, B, weight, offset, scaling, inplace=inplace)
         return modulate(out, mix, weight, offset, delta=delta, low_rank=low_rank)
 
 

@@ -211,10 +211,17 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             self._context.weights_capture(self, adapter, weights, layout)
         if weights.dtype != dtype:
             weights = weights.to(dtype)
-        out = self.lime_experts[adapter](weights, out, delta, low_rank)
+        # The single-GEMM path may accumulate into the base output h itself (saving an (N, d) copy) when h is a plain
+        # tensor (not a view, which autograd may forbid modifying) and no later adapter reads it for its routing.
+        inplace = out is h and h._base is None and adapter == self._last_lime_adapter()
+        out = self.lime_experts[adapter](weights, out, delta, low_rank, inplace)
         if aux is not None and out.requires_grad:
             out = inject_aux_loss(out, aux, self._context.aux_loss_scale)
         return out
+
+    def _last_lime_adapter(self) -> Optional[str]:
+        active = [name for name in self.active_adapters if name in self.lime_experts]
+        return active[-1] if active else None
 
     def _route(
         self, adapter: str, h_slice: torch.Tensor, delta_slice: torch.Tensor, layout: Optional[TokenLayout]
@@ -231,7 +238,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             windows = self._context.windows
             logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, (id(self), adapter), not self.training)
         logits = logits.reshape(-1, E)
-        probs = torch.softmax(logits, dim=-1)
+        probs = routing.softmax_over_experts(logits)
         stats = self.lime_stats[adapter]
         # Gradient checkpointing re-runs forward inside backward (eager): record statistics only once. A compiled
         # graph runs this Python once, when traced; its recomputation never comes back here.

@@ -40,15 +40,24 @@ def _outer(a: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(-1) * mix.unsqueeze(-2)).reshape(a.shape[0], -1)
 
 
+def _add_mix(out: torch.Tensor, z: torch.Tensor, M: torch.Tensor, scaling: float, inplace: bool) -> torch.Tensor:
+    d = out.shape[-1]
+    if inplace:
+        out.view(-1, d).addmm_(z, M, alpha=scaling)  # the GEMM accumulates into out: no (N, d) copy of it
+        return out
+    return torch.addmm(out.reshape(-1, d), z, M, alpha=scaling).view(out.shape)
+
+
 class _LowRankMix(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out, a, mix, B, weight, offset, scaling):
-        d = out.shape[-1]
+    def forward(ctx, out, a, mix, B, weight, offset, scaling, inplace):
         experts = weight + offset
-        y = torch.addmm(out.reshape(-1, d), _outer(a, mix), _mix_matrix(B, experts), alpha=scaling)
+        y = _add_mix(out, _outer(a, mix), _mix_matrix(B, experts), scaling, inplace)
+        if inplace:
+            ctx.mark_dirty(out)
         ctx.scaling = scaling
         ctx.save_for_backward(a, mix, B, experts)
-        return y.view(out.shape)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -71,7 +80,7 @@ class _LowRankMix(torch.autograd.Function):
                 grad_experts = (gm * B.t().unsqueeze(1)).sum(0)
                 grad_weight = grad_experts if need[4] else None
                 grad_offset = grad_experts.sum(0) if need[5] else None
-        return grad_y if need[0] else None, grad_a, grad_mix, grad_B, grad_weight, grad_offset, None
+        return grad_y if need[0] else None, grad_a, grad_mix, grad_B, grad_weight, grad_offset, None, None
 
 
 def low_rank_mix(
@@ -82,18 +91,19 @@ def low_rank_mix(
     weight: torch.Tensor,
     offset: torch.Tensor,
     scaling: float,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """out + s * (a @ B.T) * (mix @ (weight + offset)) as one GEMM (see the module docstring).
 
     out: (..., d) with N tokens; a: (N, r); mix: (N, E); B: (d, r); weight: (E, d); offset: (d,); all in one dtype.
+    ``inplace``: accumulate into ``out`` (eager only; the caller guarantees that nothing reads ``out`` afterwards).
     This is LiME's out + delta * (offset + mix @ weight) when the rows of mix sum to 1, which every routing mode
     guarantees. Off the simplex the two differ by delta * offset * (sum(mix) - 1), so the gradient with respect to
     mix differs from the written formula's by the same constant for every expert of a token; the softmax or
     u / sum(u) that makes mix cancels such a constant, so the gradients reaching the router are exactly LiME's.
     """
+    # In place only in eager mode, on a contiguous out that nothing else reads afterwards (the caller knows).
+    inplace = inplace and out.is_contiguous() and not torch.compiler.is_compiling()
     if torch.is_grad_enabled():
-        return _LowRankMix.apply(out, a, mix, B, weight, offset, scaling)
-    d = out.shape[-1]
-    return torch.addmm(out.reshape(-1, d), _outer(a, mix), _mix_matrix(B, weight + offset), alpha=scaling).view(
-        out.shape
-    )
+        return _LowRankMix.apply(out, a, mix, B, weight, offset, scaling, inplace)
+    return _add_mix(out, _outer(a, mix), _mix_matrix(B, weight + offset), scaling, inplace)

@@ -155,3 +155,53 @@ def test_layer_takes_the_gemm_path_above_the_threshold(monkeypatch):
     _run(model, ids, torch.ones_like(ids), 0, monkeypatch)
     n_layers = sum(isinstance(m, peft_lime.LimeLayer) for m in model.modules())
     assert len(calls) == n_layers
+
+
+def _compare_paths(model, ids, mask, monkeypatch):
+    fused_logits, fused_grads = _run(model, ids, mask, 0, monkeypatch)
+    plain_logits, plain_grads = _run(model, ids, mask, 1 << 62, monkeypatch)
+    torch.testing.assert_close(fused_logits, plain_logits, atol=1e-5, rtol=1e-5)
+    assert set(fused_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    fused, _ = _run(model, ids, mask, 0, monkeypatch, train=False)
+    plain, _ = _run(model, ids, mask, 1 << 62, monkeypatch, train=False)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    return fused_grads
+
+
+def test_two_active_adapters_route_on_the_unmodified_base_output(monkeypatch):
+    """The GEMM accumulates into the layer output in place; with two adapters active the second one still routes on
+    the frozen output h (not on h + the first adapter's update), exactly as the plain path does."""
+    from peft import LoraConfig
+
+    model = _model(jitter_noise=0.0)
+    other = lime(LoraConfig(r=3, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], init_lora_weights=False),
+                 num_experts=3, jitter_noise=0.0)
+    model.add_adapter("other", other)
+    scatter_experts(model, seed=2)
+    model.base_model.set_adapter(["default", "other"])
+    layers = [m for m in model.modules() if isinstance(m, peft_lime.LimeLayer)]
+    assert layers and all(m.active_adapters == ["default", "other"] for m in layers)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    grads = _compare_paths(model, ids, torch.ones_like(ids), monkeypatch)
+    assert any(".other." in n for n in grads) and any(".default." in n for n in grads)
+
+
+def test_conv1d_backbone_paths_agree(monkeypatch):
+    """GPT-2's Conv1D (fan_in_fan_out) returns a view of its addmm output: the GEMM path must not write into it."""
+    from peft import LoraConfig
+
+    from ._models import tiny_gpt2
+
+    model = get_peft_model(
+        tiny_gpt2(seed=4),
+        lime(LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True),
+             jitter_noise=0.0),
+    )
+    scatter_experts(model)
+    for module in model.modules():  # GPT-2 drops out residuals and attention: two training forwards would differ
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(3, VOCAB, (2, 8))
+    _compare_paths(model, ids, torch.ones_like(ids), monkeypatch)
