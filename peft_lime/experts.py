@@ -95,6 +95,8 @@ _ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 def _one(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A constant 0-d 1.0 per dtype and device (never written to)."""
+    if torch.compiler.is_compiling():  # a constant in the graph; filling the cache while tracing would recompile
+        return torch.ones((), dtype=dtype, device=device)
     key = (dtype, device)
     if key not in _ONES:
         _ONES[key] = torch.ones((), dtype=dtype, device=device)

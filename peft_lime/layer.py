@@ -129,7 +129,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         # float32 unless autocast_adapter_dtype=False); experts on the meta device stay there (low_cpu_mem_usage).
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.lime_routing[adapter_name] = LimeRoutingSettings.from_config(config)
-        self.lime_stats[adapter_name] = RoutingStats(config.num_experts)
+        self.lime_stats[adapter_name] = RoutingStats(config.num_experts, self.lime_experts[adapter_name].weight.device)
         self._context.windows.forget(lambda key: key == (id(self), adapter_name))
         self.set_adapter(self.active_adapters)
 

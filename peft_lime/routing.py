@@ -53,13 +53,16 @@ _SCALE_MAPS: dict[tuple[float, float, int, torch.device], tuple[torch.Tensor, to
 
 def _scale_map(gamma: float, temperature: float, E: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (gamma, temperature, E, device)
-    if key not in _SCALE_MAPS:
+    # While tracing, the map is built in the graph (constants): filling the cache there would recompile next call.
+    if key not in _SCALE_MAPS or torch.compiler.is_compiling():
         c_h, c_d = (1.0 - gamma) / temperature, gamma / temperature
         floor2 = ADAPTER_SCALE_FLOOR**2
         # From the sums of squares (S_h, S_d) of the two slices to their squared scales over their squared
         # coefficients: v_h = (S_h / E + eps) / c_h^2, v_d = (S_d / E + floor^2 (S_h / E + eps)) / c_d^2.
         weight = torch.tensor([[1.0 / (E * c_h**2), 0.0], [floor2 / (E * c_d**2), 1.0 / (E * c_d**2)]])
         bias = torch.tensor([_EPS / c_h**2, floor2 * _EPS / c_d**2])
+        if torch.compiler.is_compiling():
+            return weight.to(device), bias.to(device)
         _SCALE_MAPS[key] = (weight.to(device), bias.to(device))
     return _SCALE_MAPS[key]
 

@@ -42,7 +42,7 @@ SUM_SHAPES = {
 class RoutingStats:
     """Sums over all recorded tokens since the last reset (padding and non-finite rows excluded)."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, device: Optional[torch.device] = None) -> None:
         self.num_experts = num_experts
         self._sums: Optional[dict[str, torch.Tensor]] = None
         # A training callback pauses recording between optimizer steps, so evaluation forwards made during training
@@ -52,6 +52,10 @@ class RoutingStats:
         self.last_aux: Optional[torch.Tensor] = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
         self._pending_tokens = 0
+        # Created up front where the layer lives: a compiled step that created them while tracing would be traced
+        # again on the next call (its guard "no sums yet" no longer holds).
+        if device is not None and device.type != "meta":
+            self.sums(device)
 
     def reset(self) -> None:
         # Zeroed in place rather than dropped: a compiled graph that accumulates into these buffers keeps them.
@@ -69,6 +73,8 @@ class RoutingStats:
                 name: torch.zeros(tuple(sizes[s] for s in shape), dtype=torch.float32, device=device)
                 for name, shape in SUM_SHAPES.items()
             }
+        elif self._sums["tokens"].device != torch.device(device):  # the model moved since (e.g. .to("cuda"))
+            self._sums = {name: buffer.to(device) for name, buffer in self._sums.items()}
         return self._sums
 
     def record_aux(self, aux: torch.Tensor) -> None:

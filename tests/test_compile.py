@@ -85,9 +85,14 @@ def test_compiled_training_step_equals_eager(n_gram):
     x = torch.randint(3, VOCAB, (2, 7))
     mask = torch.ones_like(x)
     mask[1, :2] = 0  # left padding: the mask reaches the layers inside the compiled graph too
-    for _ in range(2):  # the second step runs the cached graph
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for _ in range(2):  # the second step runs the cached graph: nothing LiME created while tracing may re-trace it
         eager(input_ids=x, attention_mask=mask, labels=x).loss.backward()
         run(input_ids=x, attention_mask=mask, labels=x).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], f"recompiled on the second step: {graphs}"
     grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
     for name, param in compiled.named_parameters():

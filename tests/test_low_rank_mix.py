@@ -205,3 +205,27 @@ def test_conv1d_backbone_paths_agree(monkeypatch):
             module.p = 0.0
     ids = torch.randint(3, VOCAB, (2, 8))
     _compare_paths(model, ids, torch.ones_like(ids), monkeypatch)
+
+
+@pytest.mark.slow  # about 15 s: tracing a model through dynamo and AOT autograd
+def test_compiled_gemm_path_equals_eager(monkeypatch):
+    """The single-GEMM path traced by torch.compile (its autograd.Function included) gives the eager results."""
+    import torch._dynamo
+
+    monkeypatch.setattr(lrm, "LOW_RANK_MIX_MIN_ELEMENTS", 0)
+    torch._dynamo.reset()
+    eager, compiled = _model(jitter_noise=0.0), _model(jitter_noise=0.0)
+    run = torch.compile(compiled, backend="aot_eager")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    eager.train(), compiled.train()
+    eager(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    run(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(input_ids=ids, attention_mask=mask).logits,
+                                   eager(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
