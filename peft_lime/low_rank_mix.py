@@ -32,7 +32,9 @@ def use_low_rank_mix(n_tokens: int, width: int) -> bool:
 def _mix_matrix(B: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """M (r E, d) with M[(r, e)] = B[:, r] * experts[e]; B: (d, r), experts: (E, d)."""
     r, (E, d) = B.shape[1], experts.shape
-    return (B.t().unsqueeze(1) * experts.unsqueeze(0)).reshape(r * E, d)
+    # B.t() made contiguous first (r x d, small): with a transposed operand the broadcast product would come out in
+    # a d-major layout, and the reshape would then copy all r E d values.
+    return (B.t().contiguous().unsqueeze(1) * experts.unsqueeze(0)).view(r * E, d)
 
 
 def _outer(a: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,7 @@ class _LowRankMix(torch.autograd.Function):
             gm = torch.mm(_outer(a, mix).t(), g).mul_(s).view(r, E, d)
             grad_B = (gm * experts.unsqueeze(0)).sum(1).t() if need[3] else None
             if need[4] or need[5]:
-                grad_experts = (gm * B.t().unsqueeze(1)).sum(0)
+                grad_experts = (gm * B.t().contiguous().unsqueeze(1)).sum(0)
                 grad_weight = grad_experts if need[4] else None
                 grad_offset = grad_experts.sum(0) if need[5] else None
         return grad_y if need[0] else None, grad_a, grad_mix, grad_B, grad_weight, grad_offset, None, None
