@@ -7,16 +7,19 @@ Uses the public API only (``get_peft_model`` + ``LimeConfig``), so the same scri
 peft_lime. One up-projection of SmolLM2-135M's shape (576 -> 1536), LoRA r=8, LiME E=8 (defaults), single thread;
 three calls: decoding (1 token, no grad), an eval forward (16 x 80 tokens, no grad) and a training forward +
 backward (4 x 128 tokens). For each: aten op calls per layer call and self CPU ms per call, LoRA vs LiME, and the op
-table of LiME's extra ops. Compare two JSON files with ``--compare before.json after.json``.
+table of LiME's extra ops. The JSON records the label and the git commit of the checkout holding the imported
+peft_lime. Compare two JSON files with ``--compare before.json after.json`` (``benchmarks/efficiency.py`` embeds the
+same comparison in efficiency.md). Tables: ``lime_examples/bench/layer_ops_tables.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import platform
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional
 
 import torch
@@ -78,25 +81,14 @@ def measure(repeats: int) -> dict[str, Any]:
     return out
 
 
-def summary(result: dict[str, Any]) -> list[str]:
-    lines = ["| call | LoRA ops | LiME ops | LoRA self ms | LiME self ms |", "|---|---:|---:|---:|---:|"]
-    for label, row in result.items():
-        n = {k: sum(v["calls"] for v in row[k].values()) for k in row}
-        ms = {k: sum(v["self_ms"] for v in row[k].values()) for k in row}
-        lines.append(f"| {label} | {n['lora']:.0f} | {n['lime']:.0f} | {ms['lora']:.3f} | {ms['lime']:.3f} |")
-    return lines
-
-
-def extra_ops(result: dict[str, Any], label: str) -> list[str]:
-    row = result[label]
-    lines = [f"LiME's extra ops, {label} (calls and self ms per layer call beyond LoRA's):", "",
-             "| op | extra calls | extra self ms |", "|---|---:|---:|"]
-    for op in sorted(row["lime"], key=lambda k: -row["lime"][k]["self_ms"]):
-        lora = row["lora"].get(op, {"calls": 0.0, "self_ms": 0.0})
-        extra = row["lime"][op]["calls"] - lora["calls"]
-        if extra > 0:
-            lines.append(f"| {op} | {extra:.0f} | {row['lime'][op]['self_ms'] - lora['self_ms']:.3f} |")
-    return lines
+def _bench_module(name: str) -> ModuleType:
+    """lime_examples/bench/<name>.py of THIS checkout, loaded by path: with PYTHONPATH=<older checkout> (to profile
+    that checkout's peft_lime) ``import lime_examples`` may resolve to the older checkout, which may lack it."""
+    path = Path(__file__).resolve().parents[1] / "lime_examples" / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_layer_ops_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -106,18 +98,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--compare", nargs=2, type=Path, default=None, metavar=("BEFORE", "AFTER"))
     args = p.parse_args(argv)
+    tables, machine = _bench_module("layer_ops_tables"), _bench_module("machine")
     if args.compare:
-        for path in args.compare:
-            data = json.loads(path.read_text())
-            print(f"\n{data['label']} ({data['peft_lime']}):\n")
-            print("\n".join(summary(data["result"]) + [""] + extra_ops(data["result"], "decode (1 token)")))
+        before, after = (json.loads(path.read_text()) for path in args.compare)
+        lines = tables.compare(before, after)
+        for data in (before, after):
+            lines += ["", f"{tables.describe(data)}, {data.get('peft_lime', '?')}:", ""]
+            lines += tables.extra_ops(data["result"], tables.DECODE)
+        print("\n".join(lines))
         return 0
     torch.set_num_threads(1)
     result = measure(args.repeats)
-    print("\n".join(summary(result) + [""] + extra_ops(result, "decode (1 token)")))
+    print("\n".join(tables.summary(result) + [""] + tables.extra_ops(result, tables.DECODE)))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"label": args.label, "peft_lime": str(Path(peft_lime.__file__).parent), "cpu": platform.processor()}
+        package = Path(peft_lime.__file__).resolve().parent
+        meta = {
+            "label": args.label,
+            "commit": machine.git_commit(package, tracked="__init__.py"),
+            "peft_lime": str(package),
+            "cpu": machine.cpu_model(),
+        }
         args.out.write_text(json.dumps({**meta, "result": result}, indent=1))
     return 0
 

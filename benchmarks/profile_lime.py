@@ -2,7 +2,7 @@
 
     python benchmarks/profile_lime.py --layers 4 --batch 4 --seq 128
 
-``efficiency.py`` runs the same profile in its full CPU run (results/profile.md). LiME's routing stages
+``efficiency.py --variants`` runs the same profile in its full CPU run (results/profile.md). LiME's routing stages
 (routing_logits, select_experts, balance/statistics, expert mix, aux injection) are wrapped in ``record_function``
 labels during the profile only (monkeypatched, peft_lime is not modified), so their forward time, children included,
 is reported next to the per-op self times. The tables are built by ``lime_examples.bench.profile``.

@@ -55,7 +55,7 @@ class RoutingStats:
         # Created up front where the layer lives: a compiled step that created them while tracing would be traced
         # again on the next call (its guard "no sums yet" no longer holds).
         if device is not None and device.type != "meta":
-            self.sums(device)
+            self._buffers(device)
 
     def reset(self) -> None:
         # Zeroed in place rather than dropped: a compiled graph that accumulates into these buffers keeps them.
@@ -67,6 +67,11 @@ class RoutingStats:
     def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The sum buffers (created as zeros on ``device`` when nothing was recorded yet); pending calls folded."""
         self._fold()
+        return self._buffers(device)
+
+    def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
+        # No fold here: a compiled step accumulates into these directly, and folding the calls an eager step left
+        # pending from inside the graph would change the pending list the graph was traced with (a recompilation).
         if self._sums is None:
             sizes = {"E": self.num_experts, "E+1": self.num_experts + 1, "T": MAX_TASKS}
             self._sums = {
@@ -115,7 +120,7 @@ class RoutingStats:
         E, K = self.num_experts, len(entries)
         probs = torch.cat([e[0].reshape(-1, E) for e in entries]).float()
         device, counts = probs.device, [e[0].numel() // E for e in entries]
-        s = self.sums(device)
+        s = self._buffers(device)
         selected = torch.cat([e[1].reshape(-1, E) for e in entries])
         w = torch.cat(
             [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]

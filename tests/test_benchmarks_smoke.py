@@ -1,4 +1,5 @@
-"""Smoke test of the efficiency benchmark (issue 5) and of the trainable-parameter formulas it asserts."""
+"""Smoke tests of the benchmarks (efficiency headline and variants, separation), the trainable-parameter formulas
+the efficiency benchmark asserts, and its markdown report built from a synthetic result."""
 
 from __future__ import annotations
 
@@ -69,29 +70,124 @@ def test_mixlora_reimplementation_matches_package() -> None:
     assert check_parity(_tiny_llama()) < 1e-5
 
 
+def _run_efficiency(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+    # ~20 s (headline) / ~40 s (variants) on 2 idle cores; the timeout is generous for a shared machine.
+    return subprocess.run([sys.executable, "benchmarks/efficiency.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=540)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_benchmark_runs_and_lists_every_method(tmp_path: Path) -> None:
-    """`python benchmarks/efficiency.py --quick` exits 0 and its report names every method."""
+    """`python benchmarks/efficiency.py --quick` exits 0; efficiency.md / .json name every headline method, hold the
+    targets table, and the markdown is rebuilt identically from the JSON (what --from-json does)."""
+    import json
+
+    from lime_examples.bench.headline import HEADLINE_METHODS
+    from lime_examples.bench.headline_report import RATIO_TARGETS, to_markdown
+
+    proc = _run_efficiency("--quick", "--out", str(tmp_path))  # --out: never into benchmarks/results/ of the checkout
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = (tmp_path / "efficiency.md").read_text()
+    result = json.loads((tmp_path / "efficiency.json").read_text())
+    for name in HEADLINE_METHODS:
+        assert f"| {name} |" in text, f"{name} missing from efficiency.md"
+        assert len(result["eager"]["samples"]["train"][name]) == 2 and result["eager"]["peak_bytes"][name] > 0
+    assert "| LiME E=8 |" in proc.stdout  # the report is printed too
+    sections = ["## Machine", "## Headline: eager", "## Compiled", "## Targets", "## Per-op profile", "## Methods"]
+    assert [text.index(s) for s in sections] == sorted(text.index(s) for s in sections)
+    assert "| target | measured | met |" in text and len(result["targets"]) == len(RATIO_TARGETS) + 2
+    assert all(f"| {label} |" in text for label, *_ in RATIO_TARGETS)
+    assert "| compiled train step <= 1.10x compiled LoRA | not measured | - |" in text  # --quick: no compile
+    assert result["machine"]["commit"] and result["command"].startswith("python benchmarks/efficiency.py --quick")
+    assert to_markdown(result) == text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_variants_benchmark_lists_every_method(tmp_path: Path) -> None:
+    """`python benchmarks/efficiency.py --variants --quick` exits 0 and efficiency_variants.* name every variant."""
     from lime_examples.bench.methods import required_method_names
 
-    quick_md = tmp_path / "efficiency.md"  # --out: never into benchmarks/results/quick/ of the checkout
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/efficiency.py", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,  # ~30 s on 2 idle cores; generous for a machine shared with other jobs
-    )
+    proc = _run_efficiency("--variants", "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    text = quick_md.read_text()
+    text = (tmp_path / "efficiency_variants.md").read_text()
     for name in required_method_names():
-        assert f"| {name} |" in text, f"{name} missing from {quick_md}"
-    assert "| LiME E=8 |" in proc.stdout  # the table is printed too
+        assert f"| {name} |" in text, f"{name} missing from efficiency_variants.md"
     for suffix in ("json", "png"):
-        assert (tmp_path / f"efficiency.{suffix}").stat().st_size > 0
+        assert (tmp_path / f"efficiency_variants.{suffix}").stat().st_size > 0
+    assert not (tmp_path / "efficiency.md").exists()
+
+
+def _synthetic_headline(compiled: bool) -> dict:
+    """A headline result as efficiency.py writes it, with exact per-repetition ratios to LoRA (no measuring)."""
+    from lime_examples.bench.headline import Workload
+    from lime_examples.bench.methods import LIME_E8, LORA, MIXLORA, MOLORA
+
+    def samples(ratio: dict[str, float]) -> dict[str, list[float]]:
+        return {name: [r * t for t in (1.0, 1.1, 0.9)] for name, r in ratio.items()}
+
+    every = (LORA, LIME_E8, MOLORA, MIXLORA)
+    eager = {
+        "params": dict(zip(every, (100, 157, 849, 540))),
+        "methods": {name: f"{name} description" for name in every},
+        "peak_bytes": {LORA: 100 * 2**20, LIME_E8: 102 * 2**20, MOLORA: 118 * 2**20, MIXLORA: 110 * 2**20},
+        "samples": {
+            "train": samples({LORA: 1.0, LIME_E8: 1.2, MOLORA: 1.8, MIXLORA: 1.44}),  # 1.20x: over 1.15
+            "eval": samples({LORA: 1.0, LIME_E8: 1.05, MOLORA: 1.2, MIXLORA: 1.1}),  # 1.05x: under 1.10
+            "eval_stats_on": samples({LIME_E8: 1.12}),
+            "decode": samples({LORA: 0.1, LIME_E8: 0.14, MOLORA: 0.13, MIXLORA: 0.12}),  # 1.40x: over 1.30
+        },
+    }
+    machine = {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "torch": "t", "transformers": "tf", "peft": "p",
+               "python": "3", "date": "2025-01-01 00:00", "commit": "abc1234-dirty"}
+    ops = {"decode (1 token)": {"lora": {"aten::mm": {"calls": 2.0, "self_ms": 0.01}},
+                                "lime": {"aten::mm": {"calls": 3.0, "self_ms": 0.02},
+                                         "aten::softmax": {"calls": 1.0, "self_ms": 0.005}}}}
+    return {
+        "command": "python benchmarks/efficiency.py",
+        "machine": machine,
+        "args": {**Workload(reps=3).to_dict(), "quick": False, "no_compile": not compiled},
+        "wall_seconds": 60.0,
+        "eager": eager,
+        "compiled": {"layers": 8, "backend": "inductor", "compile_seconds": {LORA: 100.0, LIME_E8: 900.0},
+                     "samples": {"train": samples({LORA: 1.0, LIME_E8: 1.05}),  # 1.05x: under 1.10
+                                 "decode": samples({LORA: 0.05, LIME_E8: 0.06})}}  # 1.20x: over 1.15
+        if compiled else None,
+        "layer_ops": {"before_path": "b.json", "after_path": "a.json",
+                      "before": {"label": "before", "commit": "1111111", "result": ops},
+                      "after": {"label": "after", "commit": "2222222", "result": ops}},
+    }
+
+
+def test_efficiency_markdown_reports_targets_met_and_missed() -> None:
+    """The headline markdown, from a synthetic result: 'no' with the measured ratio over a limit, 'yes' under it,
+    'not measured' for the compiled rows when the compiled table was skipped; the layer-ops before/after table."""
+    from lime_examples.bench.headline_report import target_rows, to_markdown
+
+    md = to_markdown(_synthetic_headline(compiled=True))
+    assert "| eager train step <= 1.15x LoRA | 1.200x | no |" in md
+    assert "| eager eval forward, stats off <= 1.10x LoRA | 1.050x | yes |" in md
+    assert "| eager eval forward, stats on <= 1.15x LoRA | 1.120x | yes |" in md
+    assert "| eager decode ms/token <= 1.30x LoRA | 1.400x | no |" in md
+    assert "| peak train memory <= 1.05x LoRA | 1.020x | yes |" in md
+    assert "| compiled train step <= 1.10x compiled LoRA | 1.050x | yes |" in md
+    assert "| compiled decode ms/token (static cache) <= 1.15x compiled LoRA | 1.200x | no |" in md
+    assert "| train step >= 1.3x faster than MoLoRA-style E=8 top-2 (its time / LiME's) | 1.500x | yes |" in md
+    assert "| train step >= 1.3x faster than MixLoRA (its time / LiME's) | 1.200x | no |" in md
+    assert "| LiME E=8 | 157 (1.57x) | 1.200 s (1.200x [1.20-1.20]) |" in md
+    assert "Before: before (commit 1111111); after: after (commit 2222222)" in md
+    assert "| decode (1 token) | 2 | 4 | 4 | 0.010 | 0.025 | 0.025 |" in md and "| aten::softmax | 1 | 0.005 |" in md
+    assert "commit: abc1234-dirty" in md and "Test CPU; 2 cores, 2 torch threads" in md
+    skipped = _synthetic_headline(compiled=False)
+    md = to_markdown(skipped)
+    assert "| compiled train step <= 1.10x compiled LoRA | not measured | - |" in md
+    assert "| compiled decode ms/token (static cache) <= 1.15x compiled LoRA | not measured | - |" in md
+    assert "Not measured (`--no-compile`)." in md
+    rows = {r["target"]: r for r in target_rows(skipped)}
+    assert rows["eager train step <= 1.15x LoRA"]["met"] is False and rows["peak train memory <= 1.05x LoRA"]["met"]
+    assert rows["compiled train step <= 1.10x compiled LoRA"]["measured"] is None
 
 
 # --- separation benchmark (benchmarks/separation.py) ---------------------------------------------------------------

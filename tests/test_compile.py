@@ -107,6 +107,27 @@ def test_compiled_training_step_equals_eager(n_gram):
 
 
 @pytest.mark.slow
+def test_compiled_steps_after_an_eager_step_do_not_recompile():
+    """An eager step leaves routing statistics pending (folded in batches); the compiled step must not fold them
+    while tracing, or its graph would be traced again on the next call."""
+    from torch._dynamo.utils import counters
+
+    model = _model(1, jitter_noise=0.0).train()
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="aot_eager")
+    x = torch.randint(3, VOCAB, (2, 7))
+    model(input_ids=x, labels=x).loss.backward()
+    assert any(len(m.lime_stats["default"]._pending) for m in model.modules() if isinstance(m, peft_lime.LimeLayer))
+    graphs = []
+    for _ in range(2):
+        run(input_ids=x, labels=x).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], f"recompiled on the second compiled step: {graphs}"
+    layers = peft_lime.get_routing_stats(model)["layers"]
+    assert layers and all(stats["tokens"] == 3 * x.numel() for stats in layers.values())  # 1 eager + 2 compiled
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("n_gram", [1, 3])
 def test_static_cache_compiled_generate_equals_eager_logits(n_gram):
     from transformers import CompileConfig

@@ -1,6 +1,6 @@
 """Where LiME's overhead over plain LoRA goes: torch.profiler op tables for one train step and for decoding.
 
-Used by ``benchmarks/efficiency.py`` (full CPU run, written to results/profile.md) and ``benchmarks/profile_lime.py``.
+Used by ``benchmarks/efficiency.py --variants`` (full CPU run, results/profile.md) and ``benchmarks/profile_lime.py``.
 LiME's routing stages (routing_logits, select_experts, balance/statistics, expert mix, aux injection) are wrapped in
 ``record_function`` labels during the profile only (monkeypatched, peft_lime is not modified), so their forward
 time, children included, is reported next to the per-op self times.

@@ -1,4 +1,5 @@
-"""Reporting of the efficiency benchmark: markdown (efficiency.md), raw JSON (efficiency.json), bar chart (PNG)."""
+"""Reporting of the variants comparison (``benchmarks/efficiency.py --variants``): markdown, raw JSON and bar chart
+(efficiency_variants.{md,json,png}), plus profile.md when the full CPU run took a profile."""
 
 from __future__ import annotations
 
@@ -149,10 +150,11 @@ def to_markdown(results: dict[str, Any], quick: bool) -> str:
     m = results["machine"]
     gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
     lines = [
-        "# LiME efficiency benchmark" + (" (quick smoke run: numbers are not meaningful)" if quick else ""),
+        "# LiME efficiency: variants" + (" (quick smoke run: numbers are not meaningful)" if quick else ""),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; device {m['device']}; "
-        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; {m['date']}.",
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; {m['date']}"
+        f"; commit {m.get('commit', 'unknown')}.",
         f"Command: `{results['command']}`. All methods: targets q/k/v/o/gate/up/down, "
         "rank 8, lora_alpha 8, no dropout; MoE methods: 8 experts, top-2.",
         "",
@@ -217,12 +219,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_all(results: dict[str, Any], out_dir: Path, quick: bool) -> str:
-    """Write efficiency.md / .json / .png (and profile.md when a profile was taken); returns the markdown."""
+def write_all(results: dict[str, Any], out_dir: Path, quick: bool, stem: str = "efficiency_variants") -> str:
+    """Write <stem>.md / .json / .png (and profile.md when a profile was taken); returns the markdown."""
     markdown = to_markdown(results, quick)
-    (out_dir / "efficiency.md").write_text(markdown)
-    (out_dir / "efficiency.json").write_text(json.dumps(results, indent=1, default=str))
-    plot(results, out_dir / "efficiency.png")
+    (out_dir / f"{stem}.md").write_text(markdown)
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, out_dir / f"{stem}.png")
     for entry in results["setups"]:
         if entry.get("profile"):
             from .profile import format_profile
