@@ -119,6 +119,8 @@ def measure_eager(w: Workload, names: tuple[str, ...] = HEADLINE_METHODS) -> dic
             t.model.eval()
             samples["eval"][name].append(_time(_eval_forward(t.model, eval_ids)))
             if name in samples["eval_stats_on"]:
+                # Fold and drop what the train steps recorded first: only this forward's recording is timed.
+                peft_lime.reset_routing_stats(t.model)
                 with peft_lime.recording_routing_stats(t.model):
                     samples["eval_stats_on"][name].append(_time(_eval_forward(t.model, eval_ids)))
                 peft_lime.reset_routing_stats(t.model)
