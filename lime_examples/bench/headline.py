@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch._inductor.config
 
 from . import harness
 from .methods import LIME_E8, LORA, MIXLORA, MOLORA, all_methods
@@ -159,8 +160,6 @@ def measure_compiled(w: Workload, names: tuple[str, ...] = COMPILED_METHODS) -> 
     # LoRA's and LiME's models run the same forward code: give dynamo room for both models' graphs.
     torch._dynamo.config.recompile_limit = 64
     # Cold compile times: inductor's on-disk caches would otherwise make a rerun's compile look almost free.
-    import torch._inductor.config
-
     torch._inductor.config.force_disable_caches = True
     built, _ = build(names, w.compiled_layers, w.batch, w.seq)
     prompt = _random_ids((1, w.prompt), 4321, smollm2_135m_config(1).vocab_size)
