@@ -182,16 +182,14 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         # A low-rank tuner as factors: training keeps the (N, r) hidden state instead of the (N, d) delta for
         # backward, and large calls never build delta at all (one GEMM, low_rank_mix.py). The routed slice of delta
         # is computed from the factors (E of d rows of B, a tiny matmul).
+        # A small no-grad call (decoding) asks for delta itself: then the plain modulation is the fewest ops.
         extractor = self._extractor
-        low_rank = extractor.factors(self.base_layer, adapter, x) if extractor.factors is not None else None
-        delta = None
+        low_rank = delta = None
+        if extractor.factors is not None and (torch.is_grad_enabled() or use_low_rank_mix(h.numel() // d, d)):
+            low_rank = extractor.factors(self.base_layer, adapter, x)
         if low_rank is not None:
             a, B, scaling = low_rank
-            if torch.is_grad_enabled() or use_low_rank_mix(h.numel() // d, d):
-                delta_slice = F.linear(a, B.narrow(0, 0, E)) * scaling
-            else:
-                # A small no-grad call (decoding): delta itself, then the plain modulation, is the fewest ops.
-                delta, low_rank = F.linear(a, B) * scaling, None
+            delta_slice = F.linear(a, B.narrow(0, 0, E)) * scaling
         else:
             delta = extractor.delta(self.base_layer, x, adapter, h)
             if delta is None:
@@ -213,7 +211,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             weights = weights.to(dtype)
         # The single-GEMM path may accumulate into the base output h itself (saving an (N, d) copy) when h is a plain
         # tensor (not a view, which autograd may forbid modifying) and no later adapter reads it for its routing.
-        inplace = out is h and h._base is None and adapter == self._last_lime_adapter()
+        inplace = low_rank is not None and out is h and h._base is None and adapter == self._last_lime_adapter()
         out = self.lime_experts[adapter](weights, out, delta, low_rank, inplace)
         if aux is not None and out.requires_grad:
             out = inject_aux_loss(out, aux, self._context.aux_loss_scale)

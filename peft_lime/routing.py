@@ -100,7 +100,7 @@ def softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
     is the transpose back (an (N, E) view of (E, N) storage); every element-wise op after it keeps that layout, so
     the next softmax over experts reads contiguous memory. Other devices (and compiled graphs) take the plain call.
     """
-    if logits.dim() != 2 or logits.device.type != "cpu" or logits.shape[0] < 16 or torch.compiler.is_compiling():
+    if logits.shape[0] < 16 or logits.dim() != 2 or logits.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.softmax(logits, dim=-1)
     return torch.softmax(logits.t(), dim=0).t()
 

@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import peft_lime
-from peft_lime import LimeLayer, LowRankDelta, routing
+from peft_lime import LimeLayer, LowRankDelta, low_rank_mix, routing
 from peft_lime.context import RoutingContext
 
 from ._models import lime, lora
@@ -76,22 +76,27 @@ def _naive(layer: LimeLayer, x: torch.Tensor) -> torch.Tensor:
     return h + delta * modulation
 
 
-def test_toy_tuner_routes_like_the_naive_definition_on_both_paths():
+def test_toy_tuner_routes_like_the_naive_definition_on_every_path(monkeypatch):
     layer = _layer().eval()
     x = torch.randn(2, 5, 16)
     calls.update(delta=0, factors=0)
     with torch.no_grad():
-        layer.base_layer.no_factors = True
         generic = layer(x)
-        assert calls == {"delta": 1, "factors": 1}  # factors refused for this call: the generic path
-        layer.base_layer.no_factors = False
-        inference = layer(x)
-        assert calls == {"delta": 1, "factors": 2}  # inference with factors: delta never asked for
+        assert calls == {"delta": 1, "factors": 0}  # a small no-grad call (decoding): delta itself, fewest ops
+        monkeypatch.setattr(low_rank_mix, "LOW_RANK_MIX_MIN_ELEMENTS", 0)
+        gemm = layer(x)
+        assert calls == {"delta": 1, "factors": 1}  # a large no-grad call: the factors' single GEMM
+        monkeypatch.undo()
+    layer.base_layer.no_factors = True
+    refused = layer(x)  # grad enabled but factors refused for this call: the generic path
+    assert calls == {"delta": 2, "factors": 2}
+    layer.base_layer.no_factors = False
     fast = layer(x)  # grad enabled: the low-rank fast path
-    assert calls["factors"] == 3 and calls["delta"] == 1
+    assert calls == {"delta": 2, "factors": 3}
     expected = _naive(layer, x)
     torch.testing.assert_close(generic, expected.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(inference, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gemm, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(refused, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
     # the fast path's own backward gives autograd's gradients of the naive definition
     params = [p for p in layer.parameters() if p.requires_grad]
