@@ -28,6 +28,24 @@ def check_lora_variants(layer: LoraLayer, adapter_name: str) -> None:
         )
 
 
+def _plain(module: nn.Module) -> Optional[torch.Tensor]:
+    """The weight of a plain bias-free ``nn.Linear`` without hooks (its call can be one ``F.linear``), else None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return plain_linear_weight(module)
+
+
+def _lora_hidden(layer: LoraLayer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """a = A dropout(x), as PEFT computes it; one ``F.linear`` when nothing else can happen (decoding pays the
+    Python of every module call, once per layer and token)."""
+    lora_A, dropout = layer.lora_A[adapter], layer.lora_dropout[adapter]
+    x = layer._cast_input_dtype(x, lora_A.weight.dtype)
+    weight_A = _plain(lora_A)
+    if weight_A is not None and isinstance(dropout, nn.Identity):
+        return F.linear(x, weight_A)
+    return lora_A(dropout(x))
+
+
 def lora_factors(layer: LoraLayer, adapter: str, x: torch.Tensor) -> Optional[LowRankDelta]:
     """Plain LoRA as factors: a = A dropout(x), B = lora_B's weight; None for variants and lora_bias.
 
@@ -38,25 +56,21 @@ def lora_factors(layer: LoraLayer, adapter: str, x: torch.Tensor) -> Optional[Lo
     weight = plain_linear_weight(layer.lora_B[adapter])
     if weight is None:
         return None
-    lora_A, dropout = layer.lora_A[adapter], layer.lora_dropout[adapter]
-    x = layer._cast_input_dtype(x, lora_A.weight.dtype)
-    weight_A = plain_linear_weight(lora_A)
-    if weight_A is not None and isinstance(dropout, nn.Identity) and not (lora_A._forward_hooks or lora_A._forward_pre_hooks):
-        # The same product without two module calls: decoding pays the Python of every call, once per layer and token.
-        return LowRankDelta(F.linear(x, weight_A), weight, layer.scaling[adapter])
-    return LowRankDelta(lora_A(dropout(x)), weight, layer.scaling[adapter])
+    return LowRankDelta(_lora_hidden(layer, adapter, x), weight, layer.scaling[adapter])
 
 
 @register_delta(LoraLayer, check=check_lora_variants, factors=lora_factors)
 def lora_delta(layer: LoraLayer, x: torch.Tensor, adapter: str, h: torch.Tensor) -> torch.Tensor:
     """LoRA / rsLoRA: s * B A dropout(x). DoRA: its magnitude-rescaled term, reusing h as PEFT's forward does."""
-    lora_A = layer.lora_A[adapter]
     lora_B = layer.lora_B[adapter]
-    dropout = layer.lora_dropout[adapter]
     scaling = layer.scaling[adapter]
-    x = layer._cast_input_dtype(x, lora_A.weight.dtype)
     if adapter not in layer.lora_variant:
-        return lora_B(lora_A(dropout(x))) * scaling
+        a = _lora_hidden(layer, adapter, x)
+        weight_B = _plain(lora_B)
+        return (F.linear(a, weight_B) if weight_B is not None else lora_B(a)) * scaling
+    lora_A = layer.lora_A[adapter]
+    dropout = layer.lora_dropout[adapter]
+    x = layer._cast_input_dtype(x, lora_A.weight.dtype)
     # DoRA (the only variant admitted by check_lora_variants). With active dropout PEFT recomputes the base term on
     # the dropped-out input; we do the same so that LiME with m = 1 equals DoRA exactly.
     if isinstance(dropout, nn.Identity) or not layer.training:
