@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 import peft_lime
 from lime_examples.bench.digit_tasks import DigitSuite, majority_baseline
+from lime_examples.bench.machine import git_commit
 from lime_examples.bench.paired_stats import choose_lr, grid_edge, widen
 from lime_examples.bench.quality_common import RunLog
 from lime_examples.bench.separation_report import fmt_lr, to_markdown
@@ -123,16 +123,8 @@ def machine() -> dict[str, Any]:
     import peft
     import transformers
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        commit = f"commit {commit}" + (" + uncommitted changes" if dirty else "")
-    except OSError:
-        commit = "commit unknown"
+    commit = git_commit(ROOT)
+    commit = f"commit {commit.removesuffix('-dirty')}" + (" + uncommitted changes" if commit.endswith("-dirty") else "")
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

@@ -11,8 +11,8 @@ inner size of r E (64 for r = E = 8) replaces LoRA's up-projection, the (N, d) m
 element-wise products. Element-wise passes over (N, d) are memory-bound; a K = 64 GEMM over the same output is
 compute-bound and cheap, so this costs about what plain LoRA's up-projection + add cost once the (N, d) output no
 longer fits in cache (see ``use_low_rank_mix``). Its backward is two GEMMs (g @ M.T, z.T @ g) and small (N, r E) /
-(r E, d) reductions; only a, mix, B, W and the offset are kept for it (z and M are rebuilt: r E x d per layer would
-otherwise stay alive for every layer until backward).
+(r E, d) reductions; only a, mix, B and the experts W + offset are kept for it (z and M are rebuilt: r E x d per
+layer would otherwise stay alive for every layer until backward).
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ class _LowRankMix(torch.autograd.Function):
             grad_a = torch.bmm(gz, mix.unsqueeze(-1)).view(N, r) if need[1] else None
             grad_mix = torch.bmm(a.unsqueeze(1), gz).view(N, E) if need[2] else None
         if need[3] or need[4] or need[5]:
-            gm = torch.mm(_outer(a, mix).t(), g).mul_(s).view(r, E, d)
+            gm = torch.mm(_outer(a, mix).t(), g).mul_(s).view(r, E, d)  # gradient of M, (r, E, d)
             grad_B = (gm * experts.unsqueeze(0)).sum(1).t() if need[3] else None
             if need[4] or need[5]:
-                grad_experts = (gm * B.t().contiguous().unsqueeze(1)).sum(0)
+                grad_experts = (gm * B.t().unsqueeze(1)).sum(0)
                 grad_weight = grad_experts if need[4] else None
                 grad_offset = grad_experts.sum(0) if need[5] else None
         return grad_y if need[0] else None, grad_a, grad_mix, grad_B, grad_weight, grad_offset, None, None

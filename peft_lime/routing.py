@@ -96,7 +96,7 @@ def softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
     """softmax over the last (expert) dimension of (N, E) logits.
 
     PyTorch's CPU softmax vectorises along the reduced dimension, which is only E = 4..16 wide here: on (512, 8) it
-    costs 10x the same softmax taken over dim 0 of the (E, N) transpose, which vectorises over the tokens. The result
+    costs several times the same softmax taken over dim 0 of the (E, N) transpose, which vectorises over the tokens. The result
     is the transpose back (an (N, E) view of (E, N) storage); every element-wise op after it keeps that layout, so
     the next softmax over experts reads contiguous memory. Other devices (and compiled graphs) take the plain call.
     """

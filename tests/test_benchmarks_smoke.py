@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ._models import tiny_llama_config
+from ._scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,14 +192,6 @@ def test_efficiency_markdown_reports_targets_met_and_missed() -> None:
 
 
 # --- separation benchmark (benchmarks/separation.py) ---------------------------------------------------------------
-def _separation():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("separation", ROOT / "benchmarks" / "separation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("separation", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_lr_choice_prefers_the_lower_lr_within_one_item_and_finds_grid_edges() -> None:
@@ -212,7 +205,7 @@ def test_lr_choice_prefers_the_lower_lr_within_one_item_and_finds_grid_edges() -
 
 
 def test_lr_search_widens_the_grid_at_an_edge_and_logs_it() -> None:
-    sep = _separation()
+    sep = load_benchmark("separation")
     args = sep.parse_args(["--lrs", "1e-3", "2e-3", "4e-3", "--max_widen", "2"])
     gold = ["aaaa", "bbbb"]
     best = {5e-4: 1, 1e-3: 4, 2e-3: 6, 4e-3: 8, 8e-3: 7}  # validation items correct per lr (of 8)

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from ._scripts import load_benchmark
 
 pytest.importorskip("gguf")  # quality.py runs on the demo backbone, whose extras ship with peft-lime[demo]
-
-
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("quality", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(method, lr, seed, val, test):
@@ -35,7 +24,7 @@ def _run(method, lr, seed, val, test):
 
 
 def test_summary_uses_the_lr_chosen_on_validation_and_reports_mean_std_over_seeds():
-    q = _quality()
+    q = load_benchmark("quality")
     runs = [
         _run("LiME E=8", 1e-3, 0, 0.50, 0.90),  # best TEST but worse validation: must not be chosen
         _run("LiME E=8", 3e-3, 0, 0.60, 0.70),
@@ -56,7 +45,7 @@ def test_summary_uses_the_lr_chosen_on_validation_and_reports_mean_std_over_seed
 
 
 def test_verdict_calls_differences_within_noise_a_match():
-    q = _quality()
+    q = load_benchmark("quality")
     summary = {
         "LiME E=8": {"macro": (0.50, 0.05)},
         "MixLoRA": {"macro": (0.52, 0.05)},
@@ -67,7 +56,7 @@ def test_verdict_calls_differences_within_noise_a_match():
 def test_resume_reuses_only_runs_made_with_the_same_protocol(tmp_path):
     from lime_examples.bench.quality_common import RunLog
 
-    q = _quality()
+    q = load_benchmark("quality")
     args = q.parse_args(["--steps", "30", "--lrs", "1e-3", "3e-3"])
     same = dict(_run("LiME E=8", 1e-3, 0, 0.5, 0.5), protocol=q.protocol(args))
     other_steps = dict(_run("LiME E=8", 3e-3, 0, 0.5, 0.5), protocol=q.protocol(q.parse_args(["--steps", "31"])))
