@@ -37,6 +37,7 @@ from lime_examples.bench.digit_tasks import DigitSuite, majority_baseline
 from lime_examples.bench.machine import git_commit
 from lime_examples.bench.paired_stats import choose_lr, grid_edge, widen
 from lime_examples.bench.quality_common import RunLog
+from lime_examples.bench.separation_ablation import ablation_markdown, ablation_pairs, ablation_rows, ablation_verdict
 from lime_examples.bench.separation_report import fmt_lr, to_markdown
 from lime_examples.bench.separation_summary import (
     LIME_GLOBAL,
@@ -144,6 +145,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, tiny splits, 1 reporting seed")
     p.add_argument("--render", action="store_true", help="only rewrite separation.md from separation.json in --out")
     p.add_argument(
+        "--ablation", action="store_true", help="routing ablation rows instead (separation_ablation.md / .json / runs)"
+    )
+    p.add_argument(
         "--resume", action="store_true", help="reuse the runs of separation_runs.jsonl made with this protocol"
     )
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
@@ -199,17 +203,20 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
+    stem = "separation_ablation" if args.ablation else "separation"
     if args.render:  # derived parts only (verdict, markdown); the measurements are read back unchanged
-        path = Path(args.out) / "separation.json"
+        path = Path(args.out) / f"{stem}.json"
         result = json.loads(path.read_text())
         if args.note:
             result["args"]["note"] = args.note
         untrained = result["untrained_routing"].get("mutual_information")
-        result["verdict"] = verdict(
-            result["summary"], result["pairs"], untrained, len(result["tasks"]), result.get("same_lr")
+        result["verdict"] = (
+            ablation_verdict(result["summary"], result["pairs"])
+            if args.ablation
+            else verdict(result["summary"], result["pairs"], untrained, len(result["tasks"]), result.get("same_lr"))
         )
         path.write_text(json.dumps(result, indent=1))
-        (Path(args.out) / "separation.md").write_text(to_markdown(result))
+        (Path(args.out) / f"{stem}.md").write_text((ablation_markdown if args.ablation else to_markdown)(result))
         return result
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
@@ -223,11 +230,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     suite = DigitSuite(args.tasks, args.num_digits, args.val_per_task, args.test_per_task, args.data_seed)
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     base = load_base(len(suite.labels))
-    rows, skipped = make_rows(base, len(suite.tasks))
+    rows, skipped = (ablation_rows(len(suite.tasks)), []) if args.ablation else make_rows(base, len(suite.tasks))
     if args.rows:
         rows = [r for r in rows if r.name == REFERENCE or any(r.name.startswith(s) for s in args.rows)]
     cfg = Config(steps=args.steps, micro_batch=args.micro_batch, threads=args.threads)
-    log = RunLog(out / "separation_runs.jsonl", protocol(args), resume=args.resume)
+    log = RunLog(out / f"{stem}_runs.jsonl", protocol(args), resume=args.resume)
     reused = len(log.finished)
     by_name = {r.name: r for r in rows}
     trained = [0]
@@ -253,8 +260,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         runs[row.name] = [run(row, chosen[row.name], seed, ("test",)) for seed in args.seeds]
     lime_rows = [r for r in rows if r.kind == "lime"]
     untrained = untrained_routing(lime_rows[0], base, suite, tok) if lime_rows else {}
-    summary, pairs = summarise(rows, runs, chosen, suite, args)
-    same_lr = same_lr_check(lime_rows, chosen, run, suite, args) if args.same_lr_check else []
+    summary, pairs = summarise(rows, runs, chosen, suite, args, wanted=ablation_pairs() if args.ablation else None)
+    same_lr = same_lr_check(lime_rows, chosen, run, suite, args) if args.same_lr_check and not args.ablation else []
     result = {
         "command": shlex.join(["python", "benchmarks/separation.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": vars(args),
@@ -273,17 +280,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "pairs": pairs,
         "same_lr": same_lr,
         "untrained_routing": untrained,
-        "verdict": verdict(summary, pairs, untrained.get("mutual_information"), len(suite.tasks), same_lr),
+        "verdict": ablation_verdict(summary, pairs)
+        if args.ablation
+        else verdict(summary, pairs, untrained.get("mutual_information"), len(suite.tasks), same_lr),
         "reused_runs": reused,
         "new_runs": trained[0],
         "seconds": time.perf_counter() - t_start,
         "run_seconds": sum(used.values()),
         "runs_used": len(used),
     }
-    (out / "separation.json").write_text(json.dumps(result, indent=1))
-    (out / "separation.md").write_text(to_markdown(result))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text((ablation_markdown if args.ablation else to_markdown)(result))
     print_table(summary)
-    logger.info("wrote %s (%.1f min)", out / "separation.md", result["seconds"] / 60)
+    logger.info("wrote %s (%.1f min)", out / f"{stem}.md", result["seconds"] / 60)
     return result
 
 

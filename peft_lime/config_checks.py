@@ -6,6 +6,8 @@ a checked config serialises to JSON as is.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import numbers
 from typing import Any, Optional
@@ -16,11 +18,21 @@ from peft.utils import PeftType
 
 # Values of LimeConfig.balance_scope: the tokens the load-balance losses are computed over (see balance.py).
 BALANCE_SCOPES = ("micro_batch", "global")
+# Values of LimeConfig.routing_mode: the paper's router, and the ablations that measure what it adds (routing_modes.py).
+ROUTING_MODES = ("token", "centroid", "uniform", "task", "task_learned")
 
 # Tuners whose layers are not independent (shared matrices owned by the model) or that are not layer tuners at all.
 _SHARED_STATE_REASON = (
     "its layers share state owned by the model (shared projection matrices), so LiME cannot wrap one layer at a time"
 )
+
+
+# Layer tuners LiME refuses although their layers could be wrapped: the tuner's own model does part of its method.
+_UNSUPPORTED_REASONS = {
+    PeftType.ADALORA: "AdaLoRA's rank allocation (update_and_allocate) and orthogonal regularisation belong to "
+    "AdaLoraModel, which LiME does not run, and its SVD-form layers (lora_E, ranknum) have no LiME delta; use a "
+    "LoraConfig (LoRA, rsLoRA or DoRA) as base",
+}
 
 
 def _bad(name: str, expected: str, value: Any) -> ValueError:
@@ -86,6 +98,21 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_routing_mode(config: Any) -> None:
+    """routing_mode, num_tasks and balance_interval of a LimeConfig, checked together (ValueError naming the field)."""
+    config.routing_mode = check_choice("routing_mode", config.routing_mode, ROUTING_MODES)
+    config.num_tasks = check_int("num_tasks", config.num_tasks, optional=True)
+    if config.routing_mode == "task_learned" and config.num_tasks is None:
+        raise ValueError("num_tasks: routing_mode='task_learned' learns one mix per task and needs num_tasks, got None")
+    config.balance_interval = check_int("balance_interval", config.balance_interval)
+    if config.balance_interval > 1 and config.balance_scope != "micro_batch":
+        raise ValueError(
+            f"balance_interval: {config.balance_interval} applies the balance losses on one micro-batch in "
+            f"{config.balance_interval}, which only balance_scope='micro_batch' supports (the global scope's window "
+            "needs every micro-batch)"
+        )
+
+
 def build_base_config(base: PeftConfig | dict) -> PeftConfig:
     """Rebuild the wrapped tuner's config from its dict form (as saved in adapter_config.json)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -106,10 +133,34 @@ def build_base_config(base: PeftConfig | dict) -> PeftConfig:
         raise ValueError(f"base: unknown peft_type {peft_type!r}; known PEFT types: {names}")
     data = dict(base)
     data.pop("runtime_config", None)
+    check_base_keys(PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], data)
     try:
         return PeftConfig.from_peft_type(**data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"base: the {peft_type} config could not be built from its dict form: {exc}") from exc
+
+
+def check_base_keys(config_cls: type, data: dict) -> None:
+    """Refuse keys that ``config_cls`` has no field for. PEFT drops them with a warning (meant for configs saved by a
+    newer PEFT), so a misspelled "lora_alph" would silently leave lora_alpha at its default."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(str(key) for key in data if key not in fields)
+    if not unknown:
+        return
+    hints = [f"{close[0]!r} for {key!r}" for key in unknown if (close := difflib.get_close_matches(key, fields, n=1))]
+    raise ValueError(
+        f"base: unknown key(s) {unknown} for {config_cls.__name__}"
+        + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+        + "; if the config was saved by a newer PEFT, upgrade peft"
+    )
+
+
+def revalidate_config(config: Any) -> None:
+    """Run a LimeConfig's checks again, where LimeModel builds its layers: fields set after construction
+    (``config.temperature = 0``) were never checked and would fail deep inside a forward, not naming the field."""
+    object.__setattr__(config, "base", build_base_config(config.base))  # bypasses delegation, as __post_init__ does
+    check_base_config(config.base)
+    config._validate()
 
 
 def check_base_config(base: PeftConfig) -> None:
@@ -129,6 +180,8 @@ def check_base_config(base: PeftConfig) -> None:
         raise ValueError(f"base: unknown PEFT type {peft_type!r}")
     if getattr(tuner_cls, "uses_shared_state", False):
         raise ValueError(f"base: {type(base).__name__} cannot be wrapped by LiME: {_SHARED_STATE_REASON}")
+    if peft_type in _UNSUPPORTED_REASONS:
+        raise ValueError(f"base: {type(base).__name__} cannot be wrapped by LiME: {_UNSUPPORTED_REASONS[peft_type]}")
     if getattr(base, "target_parameters", None):
         raise ValueError(
             "base.target_parameters: LiME wraps adapted modules, not bare parameters (e.g. MoE expert weights); "

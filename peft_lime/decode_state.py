@@ -107,30 +107,71 @@ class DecodeWindows:
 
         A crop is detected by the cache length (before vs after), which works whatever the crop argument means in
         the installed transformers (absolute length in older versions, tokens to remove in 5.24+; ``crop(0)`` of
-        5.24's decoding loop removes nothing and keeps the windows).
+        5.24's decoding loop removes nothing and keeps the windows). Row operations need no length, so caches that
+        keep none (recurrent / linear attention) are followed too; a reset empties the cache: its count restarts.
         """
-        if cache is None or not hasattr(cache, "get_seq_length") or cache.__dict__.get("_lime_windows") is self:
+        if not hasattr(cache, "__dict__") or cache.__dict__.get("_lime_windows") is self:
             return
         cache.__dict__["_lime_windows"] = self
 
-        def wrap(method_name: str, after: Callable[[Any, int, int], None]) -> None:
+        def wrap(method_name: str, after: Callable[[Any], None], measure: bool = False) -> None:
             original = getattr(cache, method_name, None)
             if original is None:
                 return
 
             def wrapped(*args: Any, **kwargs: Any) -> Any:
-                before = cache.get_seq_length()
+                before = cache_length(cache) if measure else None
                 result = original(*args, **kwargs)
-                after(args[0] if args else next(iter(kwargs.values()), None), before, cache.get_seq_length())
+                if measure:
+                    now = cache_length(cache)
+                    if before is not None and now is not None and now < before:
+                        self.lose("the KV cache was cropped (assisted or speculative decoding)")
+                else:
+                    after(args[0] if args else next(iter(kwargs.values()), None))
                 return result
 
             setattr(cache, method_name, wrapped)
 
-        def crop(_: Any, before: int, now: int) -> None:
-            if now < before:
-                self.lose("the KV cache was cropped (assisted or speculative decoding)")
+        wrap("reorder_cache", self.reorder)
+        wrap("batch_select_indices", self.reorder)
+        wrap("batch_repeat_interleave", self.repeat)
+        wrap("crop", lambda _: None, measure=True)
+        wrap("reset", lambda _: cache.__dict__.pop(_TOKEN_COUNT, None))
 
-        wrap("reorder_cache", lambda idx, *_: self.reorder(idx))
-        wrap("batch_select_indices", lambda idx, *_: self.reorder(idx))
-        wrap("batch_repeat_interleave", lambda repeats, *_: self.repeat(repeats))
-        wrap("crop", crop)
+
+# A cache object's count of the tokens LiME's calls put into it, for caches that keep no length: (call, tokens before
+# that call, tokens after it), the call being its outermost scope object. Every (sub)model call of one forward reads
+# the same "before".
+_TOKEN_COUNT = "_lime_token_count"
+
+
+def cache_length(cache: Any) -> Optional[int]:
+    """Tokens held by a cache, or None when it keeps no length (only recurrent / linear-attention layers)."""
+    get_len = getattr(cache, "get_seq_length", None)
+    if get_len is None or cache.__dict__.get("_lime_no_length"):
+        return None
+    try:
+        return int(get_len())
+    except (ValueError, NotImplementedError):  # transformers: "can only be called on Attention layers"
+        cache.__dict__["_lime_no_length"] = True
+        return None
+
+
+def count_cached_tokens(cache: Any, new_tokens: int, call: object) -> int:
+    """Tokens before this call in a cache without a length, counted by the calls of LiME's model that used it."""
+    counted = cache.__dict__.get(_TOKEN_COUNT)
+    if counted is not None and counted[0] is call:
+        return counted[1]  # another (sub)model call of the same forward
+    before = counted[2] if counted is not None else 0
+    cache.__dict__[_TOKEN_COUNT] = (call, before, before + new_tokens)
+    return before
+
+
+def record_created_cache(cache: Any, new_tokens: int, call: object) -> None:
+    """A call created its cache itself (none was passed in): count its tokens, when the cache keeps no length."""
+    if cache is None or not hasattr(cache, "__dict__") or _TOKEN_COUNT in cache.__dict__:
+        return
+    if cache.__dict__.get("_lime_windows") is not None:
+        return  # passed in (and followed), not created
+    if cache_length(cache) is None:
+        cache.__dict__[_TOKEN_COUNT] = (call, 0, new_tokens)

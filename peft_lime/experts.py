@@ -23,7 +23,14 @@ class LimeExperts(nn.Module):
     """
 
     def __init__(
-        self, num_experts: int, width: int, shared_expert: bool, init_std: float, seed: Optional[int] = None
+        self,
+        num_experts: int,
+        width: int,
+        shared_expert: bool,
+        init_std: float,
+        seed: Optional[int] = None,
+        num_tasks: Optional[int] = None,
+        centroids: bool = False,
     ) -> None:
         super().__init__()
         self.init_std = init_std
@@ -35,6 +42,18 @@ class LimeExperts(nn.Module):
         else:
             self.register_parameter("shared", None)
             self.register_parameter("gate", None)
+        # Oracle ablation routing_mode="task_learned" only: one learned mix per task (logits, init 0 = uniform).
+        if num_tasks is not None:
+            self.task_logits = nn.Parameter(torch.zeros(num_tasks, num_experts, dtype=torch.float32))
+        else:
+            self.register_parameter("task_logits", None)
+        # routing_mode="centroid" only: fixed (not trained) routing centroids of the frozen output, and its mean.
+        # Zeros until peft_lime.fit_routing_centroids fills them (all logits 0 then: uniform routing).
+        if centroids:
+            self.register_buffer("centroids", torch.zeros(num_experts, width, dtype=torch.float32))
+            self.register_buffer("centroid_center", torch.zeros(width, dtype=torch.float32))
+        else:
+            self.centroids = self.centroid_center = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,6 +71,8 @@ class LimeExperts(nn.Module):
             if self.shared is not None:
                 self.shared.normal_(0.0, self.init_std, generator=generator)
                 self.gate.zero_()
+            if self.task_logits is not None:
+                self.task_logits.zero_()
 
     def _offset(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """1 + g * p_s, shape (d,): one addcmul when the experts' dtype is the compute dtype (decoding pays per op)."""

@@ -5,30 +5,35 @@ the layer computes h + m * delta(x). For the tuners below that is exactly an ada
 - LoRA / rsLoRA (also with lora_bias): m * (s B A x + s b) = s (diag(m) B) A x + s (m * b): scale B's rows (and bias);
 - IA3 on outputs: h + m * h (l - 1) = h * (1 + m (l - 1)): a new scaling vector;
 - LoHa: m * ((W1a W1b) o (W2a W2b)) x = ((diag(m) W1a) W1b) o (W2a W2b) x: scale W1a's rows.
-- DoRA: a DoRA with new B and magnitude (see _fold_dora; needs the base weights, so the model, not the command line).
+- DoRA: a DoRA with new B and magnitude (see export_folds._fold_dora; needs the base weights, so the model, not the command line).
 IA3 on inputs (feed-forward modules) and LoKr (a Kronecker product keeps no row scaling) are refused with an error.
 
-    python -m peft_lime.export --adapter ADAPTER_DIR --routing profiles.safetensors --output-dir OUT
+    python -m peft_lime.export --adapter ADAPTER_DIR --routing profiles.safetensors --output-dir OUT [--overwrite]
 
 writes OUT/<profile>/ (adapter_config.json with the base tuner's peft_type, adapter_model.safetensors) for every
-profile of the file: adapters that released PEFT loads without peft_lime and merges with merge_and_unload.
+profile of the file: adapters that released PEFT loads without peft_lime and merges with merge_and_unload. Nothing is
+written outside OUT (profile names must be plain directory names), and nothing existing is replaced without
+--overwrite (export_paths.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
 from .config import LimeConfig
-from .static_routing import load_routing_profiles
+from .export_folds import FOLDS
+from .export_paths import MANIFEST_NAME, check_targets, write_replacing
+from .static_routing import check_mixing_weights, load_routing_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -36,99 +41,6 @@ logger = logging.getLogger(__name__)
 MODEL_PREFIX = "base_model.model."
 BASE_INFIX = ".base_layer."
 EXPERTS_INFIX = ".lime_experts."
-Fold = Callable[[dict[str, torch.Tensor], torch.Tensor, Any, str, Optional[torch.Tensor]], dict[str, torch.Tensor]]
-
-
-def _rows(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (t.float() * m.reshape(-1, *([1] * (t.dim() - 1)))).to(t.dtype)
-
-
-def _fold_dora(
-    tensors: dict[str, torch.Tensor], m: torch.Tensor, config: Any, layer: str, weight: Optional[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """DoRA adds (r - 1) * W x + r * s B A x with r = magnitude / ||W + s B A|| (per output row). Times m, that is a
-    DoRA with r' = 1 + m (r - 1), B' = diag(m r / r') B and magnitude' = r' ||W + s B' A||."""
-    if weight is None:
-        raise ValueError(
-            f"{layer}: DoRA's fold needs the base layer's weight (its row norms): use export_static(model, ...) with "
-            "the model loaded (the command line works from the adapter directory alone)"
-        )
-    A, B, magnitude = (tensors[k].double() for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
-    scaling = _lora_scaling(config, layer, A.shape[0])
-    W = weight.double()
-    r = magnitude / torch.linalg.norm(W + scaling * (B @ A), dim=1)
-    r_new = 1.0 + m.double() * (r - 1.0)
-    if (r_new.abs() < 1e-6).any():
-        raise ValueError(f"{layer}: this routing profile zeroes a DoRA row scale (1 + m (r - 1) = 0); no DoRA form")
-    B_new = B * (m.double() * r / r_new)[:, None]
-    out = dict(tensors)
-    out["lora_B.weight"] = B_new.to(tensors["lora_B.weight"].dtype)
-    norm_new = torch.linalg.norm(W + scaling * (B_new @ A), dim=1)
-    out["lora_magnitude_vector"] = (r_new * norm_new).to(tensors["lora_magnitude_vector"].dtype)
-    return out
-
-
-def _lora_scaling(config: Any, layer: str, rank: int) -> float:
-    """PEFT's LoRA scaling of one layer: lora_alpha (or its alpha_pattern entry) / r, or / sqrt(r) for rsLoRA."""
-    from peft.utils.other import get_pattern_key
-
-    alpha = config.lora_alpha
-    if config.alpha_pattern:
-        key = get_pattern_key(config.alpha_pattern.keys(), layer)
-        alpha = config.alpha_pattern.get(key, alpha)
-    return alpha / rank**0.5 if config.use_rslora else alpha / rank
-
-
-def _fold_lora(
-    tensors: dict[str, torch.Tensor], m: torch.Tensor, config: Any, layer: str, weight: Optional[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    if "lora_magnitude_vector" in tensors:
-        if "lora_B.bias" in tensors:
-            raise ValueError(f"{layer}: DoRA with lora_bias is not exported")
-        return _fold_dora(tensors, m, config, layer, weight)
-    if "lora_B.weight" not in tensors or set(tensors) - {"lora_A.weight", "lora_B.weight", "lora_B.bias"}:
-        raise ValueError(f"{layer}: unexpected LoRA tensors {sorted(tensors)} (only linear LoRA layers are exported)")
-    out = dict(tensors)
-    out["lora_B.weight"] = _rows(tensors["lora_B.weight"], m)
-    if "lora_B.bias" in tensors:
-        out["lora_B.bias"] = _rows(tensors["lora_B.bias"], m)
-    return out
-
-
-def _fold_ia3(
-    tensors: dict[str, torch.Tensor], m: torch.Tensor, config: Any, layer: str, weight: Optional[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    from peft.tuners.ia3.model import IA3Model
-
-    if IA3Model._check_target_module_feedforward(config, layer):
-        raise ValueError(
-            f"{layer}: IA3 on a feed-forward module scales the layer's INPUT; an output-channel modulation has no "
-            "exact IA3 form there. Export needs IA3 without feedforward_modules on the LiME-wrapped layers"
-        )
-    scale = tensors["ia3_l"]
-    return {"ia3_l": (1.0 + m.reshape(scale.shape) * (scale.float() - 1.0)).to(scale.dtype)}
-
-
-def _fold_loha(
-    tensors: dict[str, torch.Tensor], m: torch.Tensor, config: Any, layer: str, weight: Optional[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    if any(k.startswith("hada_t") for k in tensors):
-        raise ValueError(f"{layer}: LoHa with Tucker factors (convolutions) is not exported")
-    out = dict(tensors)
-    out["hada_w1_a"] = _rows(tensors["hada_w1_a"], m)
-    return out
-
-
-def _refuse_lokr(
-    tensors: dict[str, torch.Tensor], m: torch.Tensor, config: Any, layer: str, weight: Optional[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    raise ValueError(
-        "LoKr: its update is a Kronecker product kron(W1, W2); scaling its output rows by a general vector does not "
-        "keep that form, so no LoKr adapter reproduces static-routing LiME. Use LoRA, IA3 or LoHa as the base to export"
-    )
-
-
-FOLDS: dict[str, Fold] = {"LORA": _fold_lora, "IA3": _fold_ia3, "LOHA": _fold_loha, "LOKR": _refuse_lokr}
 
 
 def modulation_vector(experts: Mapping[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -167,10 +79,8 @@ def export_state_dict(
     if missing or unknown:
         raise ValueError(f"profile: layers missing {missing[:3]}, unknown {unknown[:3]} (measured on another model?)")
     for name, parts in layers.items():
-        E = parts["experts"]["weight"].shape[0]
-        weights = torch.as_tensor(profile[name], dtype=torch.float32).flatten()
-        if weights.numel() != E or not torch.isfinite(weights).all():
-            raise ValueError(f"profile[{name!r}]: expected {E} finite mixing weights, got {weights}")
+        # The checks of static_routing: an exported adapter computes what the LiME model computes under that profile.
+        weights = check_mixing_weights(name, profile[name], parts["experts"]["weight"].shape[0])
         m = modulation_vector(parts["experts"], weights)
         weight = base_weights.get(name) if base_weights is not None else None
         for suffix, value in fold(parts["base"], m, config.base, name, weight).items():
@@ -196,13 +106,17 @@ def write_adapter(
     base_weights: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Fold one profile and write the plain adapter directory ``out``."""
-    from safetensors.torch import save_file
-
     tensors = export_state_dict(state_dict, config, profile, base_weights)
     out.mkdir(parents=True, exist_ok=True)
-    _exported_config(config).save_pretrained(str(out))
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_folded(tensors, config, out)
     return out
+
+
+def _write_folded(tensors: Mapping[str, torch.Tensor], config: LimeConfig, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    _exported_config(config).save_pretrained(str(out))
+    save_file(dict(tensors), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def export_static(
@@ -210,6 +124,7 @@ def export_static(
     profiles: Mapping[str, Mapping[str, torch.Tensor]],
     output_dir: Union[str, Path],
     adapter_name: Optional[str] = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write one plain adapter of the base tuner per routing profile: ``output_dir/<profile name>/``.
 
@@ -219,6 +134,8 @@ def export_static(
             ("global" and one per task) or ``load_routing_profiles``.
         output_dir: parent directory of the exported adapters.
         adapter_name: the LiME adapter (default: the active one).
+        overwrite: replace profile directories (and lime_export.json) that already exist in ``output_dir``; without
+            it an export refuses to write over anything. A replaced directory keeps none of its old files.
 
     Returns:
         {profile name: adapter directory}. Each loads with ``PeftModel.from_pretrained`` of released PEFT alone and
@@ -232,7 +149,7 @@ def export_static(
         raise ValueError(f"adapter_name: {adapter!r} is a {type(config).__name__}, not a LiME adapter")
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter)
     base_weights = _base_weights(model) if getattr(config.base, "use_dora", False) else None
-    return _export_all(state_dict, config, profiles, Path(output_dir), base_weights)
+    return _export_all(state_dict, config, profiles, Path(output_dir), base_weights, overwrite)
 
 
 def _base_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -251,13 +168,17 @@ def _base_weights(model: Any) -> dict[str, torch.Tensor]:
 
 
 def export_static_from_pretrained(
-    adapter_dir: Union[str, Path], profiles: Mapping[str, Mapping[str, torch.Tensor]], output_dir: Union[str, Path]
+    adapter_dir: Union[str, Path],
+    profiles: Mapping[str, Mapping[str, torch.Tensor]],
+    output_dir: Union[str, Path],
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """``export_static`` from a saved LiME adapter directory (no base model needed)."""
     from peft.utils.save_and_load import load_peft_weights
 
     config = LimeConfig.from_pretrained(str(adapter_dir))
-    return _export_all(load_peft_weights(str(adapter_dir), device="cpu"), config, profiles, Path(output_dir))
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    return _export_all(weights, config, profiles, Path(output_dir), overwrite=overwrite)
 
 
 def _export_all(
@@ -266,16 +187,19 @@ def _export_all(
     profiles: Mapping,
     out: Path,
     base_weights: Optional[Mapping[str, torch.Tensor]] = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     if not profiles:
         raise ValueError("profiles: nothing to export (no routing profile given)")
+    targets = check_targets(out, profiles, overwrite)
+    # Every profile is folded (and so checked) before anything is written: a bad profile leaves no partial export.
+    folded = {name: export_state_dict(state_dict, config, profile, base_weights) for name, profile in profiles.items()}
+    out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, profile in profiles.items():
-        if not name or Path(name).name != name:
-            raise ValueError(f"profiles: {name!r} is not usable as a directory name")
-        written[name] = write_adapter(state_dict, config, profile, out / name, base_weights)
+    for name, tensors in folded.items():
+        written[name] = write_replacing(targets[name], functools.partial(_write_folded, tensors, config))
         logger.info("exported static routing %r to %s", name, written[name])
-    (out / "lime_export.json").write_text(
+    (out / MANIFEST_NAME).write_text(
         json.dumps({"source_peft_type": "LIME", "base_peft_type": str(config.base.peft_type.value),
                     "num_experts": config.num_experts, "profiles": sorted(written)}, indent=2)
     )
@@ -289,15 +213,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Path]:
     parser.add_argument("--routing", required=True, help="routing profiles (peft_lime.save_routing_profiles)")
     parser.add_argument("--output-dir", required=True, help="one sub-directory per exported profile is written here")
     parser.add_argument("--profile", action="append", help="export only this profile (repeatable)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace profile directories that already exist in --output-dir"
+    )
     args = parser.parse_args(argv)
-    profiles = load_routing_profiles(args.routing)
+    # Wrong arguments end in one line naming the argument (exit 2), not a traceback.
+    try:
+        profiles = load_routing_profiles(args.routing)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--routing: {exc}")
     if args.profile:
         unknown = sorted(set(args.profile) - set(profiles))
         if unknown:
             parser.error(f"--profile: {unknown} not in {args.routing} (it has {sorted(profiles)})")
         profiles = {name: profiles[name] for name in args.profile}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return export_static_from_pretrained(args.adapter, profiles, args.output_dir)
+    try:
+        return export_static_from_pretrained(args.adapter, profiles, args.output_dir, overwrite=args.overwrite)
+    except (OSError, ValueError) as exc:  # a refused export (bad profile name, existing files, unreadable adapter)
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

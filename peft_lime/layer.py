@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 
-from . import routing
+from . import fused_route, routing
 from .aux_grad import inject_aux_loss
-from .balance import global_balance_terms
+from .balance import balance_due, global_balance_terms
 from .context import RoutingContext
 from .deltas import find_extractor
 from .experts import LimeExperts, expert_seed
-from .layout import TokenLayout
+from .layout import TokenLayout, as_sequences
 from .low_rank_mix import use_low_rank_mix
+from .routing_modes import centroid_logits, mode_weights
 from .stats import RoutingStats
 from .windowing import window_logits
 
@@ -76,6 +77,9 @@ class LimeRoutingSettings:
     importance_loss_coef: float
     kl_loss_coef: float
     balance_scope: str = "micro_batch"
+    routing_mode: str = "token"
+    num_tasks: Optional[int] = None
+    balance_interval: int = 1
 
     @classmethod
     def from_config(cls, config: Any) -> LimeRoutingSettings:
@@ -124,6 +128,8 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             config.shared_expert,
             config.expert_init_std,
             seed=expert_seed(self.layer_name, adapter_name),
+            num_tasks=config.num_tasks if config.routing_mode == "task_learned" else None,
+            centroids=config.routing_mode == "centroid",
         )
         # Device and dtype of the base layer, as PEFT does for every adapter tensor (PeftModel then upcasts to
         # float32 unless autocast_adapter_dtype=False); experts on the meta device stay there (low_cpu_mem_usage).
@@ -165,7 +171,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         h = self.base_layer.get_base_layer()(x, *args, **kwargs)
         if self.disable_adapters:
             return h
-        layout = self._context.layout_for(x)
+        layout = self._context.layout_for(x, self)
         out = h
         for adapter in self.active_adapters:
             if adapter in self.lime_experts:
@@ -202,41 +208,41 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             delta_slice = delta_slice.to(dtype)
         static = self.lime_static_routing.get(adapter)
         if static is None:
-            weights, aux = self._route(adapter, h.narrow(-1, 0, E), delta_slice, layout)
+            h_slice = h.narrow(-1, 0, E)
+            if h_slice.dim() == 2:  # token rows: windows must not run across sequences (layout.py)
+                h_slice, delta_slice = as_sequences(h_slice, layout), as_sequences(delta_slice, layout)
+            weights, aux = self._route(adapter, h_slice, delta_slice, layout, h)
         else:
             weights, aux = static.to(device=h.device, dtype=dtype).expand(delta_slice.numel() // E, E), None
         if self._context.weights_capture is not None:
             self._context.weights_capture(self, adapter, weights, layout)
+        if aux is not None and weights.requires_grad:
+            # On the (N, E) weights, not the (N, d) output: the injection's copy stays tiny, and the output stays the
+            # experts' own tensor, which a model may modify in place (Falcon adds attention into its MLP output).
+            weights = inject_aux_loss(weights, aux, self._context.aux_loss_scale)
         if weights.dtype != dtype:
             weights = weights.to(dtype)
         # The single-GEMM path may accumulate into the base output h itself (saving an (N, d) copy) when h is a plain
         # tensor (not a view, which autograd may forbid modifying) and no later adapter reads it for its routing.
         inplace = low_rank is not None and out is h and h._base is None and adapter == self._last_lime_adapter()
-        out = self.lime_experts[adapter](weights, out, delta, low_rank, inplace)
-        if aux is not None and out.requires_grad:
-            out = inject_aux_loss(out, aux, self._context.aux_loss_scale)
-        return out
+        return self.lime_experts[adapter](weights, out, delta, low_rank, inplace)
 
     def _last_lime_adapter(self) -> Optional[str]:
         active = [name for name in self.active_adapters if name in self.lime_experts]
         return active[-1] if active else None
 
     def _route(
-        self, adapter: str, h_slice: torch.Tensor, delta_slice: torch.Tensor, layout: Optional[TokenLayout]
+        self,
+        adapter: str,
+        h_slice: torch.Tensor,
+        delta_slice: torch.Tensor,
+        layout: Optional[TokenLayout],
+        h: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Mixing weights (N, E) of the tokens and, when training with a balance loss, the aux term (per layer)."""
+        """Mixing weights (N, E) of the tokens and, when training with a balance loss, the aux term (per layer).
+        ``h``: the whole frozen output, read by routing_mode="centroid" only."""
         s = self.lime_routing[adapter]
         E = s.num_experts
-        logits = routing.routing_logits(
-            h_slice, delta_slice, gamma=s.routing_gamma, temperature=s.temperature, norm=s.routing_norm
-        )
-        if self.training:
-            logits = routing.apply_jitter(logits, s.jitter_noise)
-        if s.n_gram > 1:
-            windows = self._context.windows
-            logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, (id(self), adapter), not self.training)
-        logits = logits.reshape(-1, E)
-        probs = routing.softmax_over_experts(logits)
         stats = self.lime_stats[adapter]
         # Gradient checkpointing re-runs forward inside backward (eager): record statistics only once. A compiled
         # graph runs this Python once, when traced; its recomputation never comes back here.
@@ -245,6 +251,32 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1
         )
         record = record and first_pass
+        if s.routing_mode not in ("token", "centroid"):  # ablations without a router (routing_modes.py): no balance
+            n = h_slice.numel() // E
+            tasks = self._token_tasks(layout, n)
+            experts = self.lime_experts[adapter]
+            weights = mode_weights(s.routing_mode, E, n, h_slice.device, tasks, experts.task_logits, self.layer_name)
+            if record:
+                valid = layout.valid.reshape(-1) if layout is not None and layout.valid is not None else None
+                stats.record(weights, weights > 0, valid, token_tasks=tasks)
+            return weights, None
+        if fused_route.supports(s):  # the math below as one compiled region (fused_route.py)
+            return fused_route.route(self, adapter, h_slice, delta_slice, layout, record, first_pass)
+        if s.routing_mode == "centroid":  # cosine to calibrated centroids of the whole frozen output (centroids.py)
+            experts = self.lime_experts[adapter]
+            logits = centroid_logits(h, experts.centroids, experts.centroid_center, s.temperature)
+            logits = logits.reshape(h_slice.shape)
+        else:
+            logits = routing.routing_logits(
+                h_slice, delta_slice, gamma=s.routing_gamma, temperature=s.temperature, norm=s.routing_norm
+            )
+        if self.training:
+            logits = routing.apply_jitter(logits, s.jitter_noise)
+        if s.n_gram > 1:
+            windows = self._context.windows
+            logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, (id(self), adapter), not self.training)
+        logits = logits.reshape(-1, E)
+        probs = routing.softmax_over_experts(logits)
         selection = routing.select_experts(
             probs,
             top_k=s.top_k,
@@ -260,7 +292,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         if (self.training or record) and layout is not None and layout.valid is not None:
             valid = layout.valid.reshape(-1)
         aux = None
-        if self.training:
+        if self.training and balance_due(self, adapter, s.balance_interval, first_pass):
             if s.balance_scope == "global" and (s.importance_loss_coef or s.kl_loss_coef):
                 # Statistics of the accumulation window over all data-parallel ranks (balance.py; eager only).
                 importance, kl = global_balance_terms(self, adapter, probs, valid)
@@ -281,7 +313,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         if layout is None or task_ids is None:
             return None
         task_ids = task_ids.reshape(-1).to(torch.long)
-        if task_ids.numel() != self._context.batch_size:
+        if task_ids.numel() != layout.batch_size:
             return None
         return task_ids.repeat_interleave(n_tokens // task_ids.numel())
 

@@ -47,7 +47,11 @@ def _add_mix(out: torch.Tensor, z: torch.Tensor, M: torch.Tensor, scaling: float
     if inplace:
         out.view(-1, d).addmm_(z, M, alpha=scaling)  # the GEMM accumulates into out: no (N, d) copy of it
         return out
-    return torch.addmm(out.reshape(-1, d), z, M, alpha=scaling).view(out.shape)
+    # Written into a tensor of out's shape, not viewed into it: a custom Function's view output may not be modified
+    # in place, and models do modify layer outputs in place (Falcon: mlp_output += attention_output).
+    y = out.new_empty(out.shape)
+    torch.addmm(out.reshape(-1, d), z, M, alpha=scaling, out=y.view(-1, d))
+    return y
 
 
 class _LowRankMix(torch.autograd.Function):

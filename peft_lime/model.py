@@ -16,10 +16,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import LimeConfig
-from .context import RoutingContext
+from .config_checks import revalidate_config
+from .context import RoutingContext, track_model_calls
 from .decode_state import ASSISTED_DECODING_ERROR, CANDIDATE_DECODING_KWARGS
 from .layer import ADAPTER_NAMES_ERROR, MERGE_ERROR, LimeLayer, check_wrappable
-from .load_checks import check_lime_keys
+from .load_checks import check_checkpoint
 from .peft_type import LIME_PREFIX
 
 
@@ -47,17 +48,19 @@ class LimeModel(BaseTuner):
 
     # --- setup --------------------------------------------------------------------------------------------------
     def _pre_injection_hook(self, model: nn.Module, config: LimeConfig, adapter_name: str) -> None:
+        # PeftModel reads peft_config[active_adapter] on every call; once all adapters are deleted that is a bare
+        # KeyError 'default' (for every PEFT tuner): this dict's KeyError says what happened.
+        self.peft_config = AdapterConfigs(self.peft_config)
         self.__dict__["routing_context"] = RoutingContext()
         self.__dict__["_inner_tuners"] = {}
-        self.__dict__["_hook_handle"] = None
+        self.__dict__["_hook_handles"] = None
 
     def _post_injection_hook(self, model: nn.Module, config: LimeConfig, adapter_name: str) -> None:
-        # Mask, positions and cache state reach the layers through a pre-hook on the wrapped model, so they are
-        # seen by every forward, including the ones generate() makes, without wrapping the user's forward.
-        if self.__dict__.get("_hook_handle") is None:
-            self.__dict__["_hook_handle"] = model.register_forward_pre_hook(
-                self._capture_routing_inputs, with_kwargs=True
-            )
+        # Mask, positions and cache state reach the layers through hooks on the wrapped model and its sub-models
+        # (context.py), so they are seen by every call, including the ones generate() makes, without wrapping the
+        # user's forward.
+        if self.__dict__.get("_hook_handles") is None:
+            self.__dict__["_hook_handles"] = track_model_calls(model, self.routing_context)
         self._update_window_tracking()
 
     def _update_window_tracking(self) -> None:
@@ -89,16 +92,6 @@ class LimeModel(BaseTuner):
                     raise ValueError(ASSISTED_DECODING_ERROR.format(n_gram=n_gram, option=option))
         yield
 
-    def _capture_routing_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        context = self.routing_context
-        task_ids = kwargs.pop("task_ids", None)  # routing telemetry only: never reaches the base model
-        context.update_from_call(args, kwargs)
-        # Task ids belong to this call only: a later call without them must not inherit them.
-        pending, context.pending_task_ids = context.pending_task_ids, None
-        context.task_ids = task_ids if torch.is_tensor(task_ids) else pending
-        return args, kwargs
-
     def _inner_tuner(self, config: LimeConfig, adapter_name: str) -> BaseTuner:
         """A headless instance of the base tuner class: used only for its layer-creation logic."""
         tuner_cls = _base_tuner_cls(config)
@@ -116,6 +109,7 @@ class LimeModel(BaseTuner):
         return inner
 
     def _check_new_adapter_config(self, config: LimeConfig) -> None:
+        revalidate_config(config)
         super()._check_new_adapter_config(config)
         base_types = {conf.base.peft_type for conf in self.peft_config.values()}
         if len(base_types) > 1:
@@ -182,10 +176,9 @@ class LimeModel(BaseTuner):
         if merge:
             raise ValueError(MERGE_ERROR)
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        handle = self.__dict__.get("_hook_handle")
-        if handle is not None:
+        for handle in self.__dict__.get("_hook_handles") or ():
             handle.remove()
-            self.__dict__["_hook_handle"] = None
+        self.__dict__["_hook_handles"] = None
         return model
 
     # --- state dict hooks: the base tuner's key conventions ---------------------------------------------------
@@ -203,8 +196,27 @@ class LimeModel(BaseTuner):
         remapped = _base_tuner_cls(config)._remap_adapter_state_dict_for_load(
             model, config.base, adapter_name, state_dict
         )
-        check_lime_keys(model, config, adapter_name, remapped)
+        check_checkpoint(model, config, adapter_name, remapped)
         return remapped
+
+
+class AdapterNotFoundError(KeyError):
+    """A KeyError (what PEFT and callers catch) whose message is shown as written, not quoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterConfigs(dict):
+    """LimeModel.peft_config: {adapter name: LimeConfig}; a missing name raises a KeyError that says why."""
+
+    def __missing__(self, key: Any) -> Any:
+        if not self:
+            raise AdapterNotFoundError(
+                f"LiME: no adapter {key!r}, the model has no adapter left (the last one was deleted). Add one "
+                "(add_adapter / load_adapter, then set_adapter) or get the base model back with unload()"
+            )
+        raise AdapterNotFoundError(f"LiME: no adapter {key!r}; the model has {sorted(self)} (see set_adapter)")
 
 
 # Name segments that wrapper modules add to module names but that their state_dict() hooks remove from keys.

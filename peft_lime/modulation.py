@@ -30,9 +30,10 @@ class _Modulate(torch.autograd.Function):
         low_rank = delta is None
         if low_rank:
             delta = _low_rank_delta(a, B, scaling, out.dtype)
-        d = out.shape[-1]
         modulation = torch.addmm(offset, mix, weight)
-        y = torch.addcmul(out.reshape(-1, d), delta.reshape(-1, d), modulation).view(out.shape)
+        # Computed in out's shape, not viewed into it: a custom Function's view output may not be modified in place,
+        # and models do modify layer outputs in place (Falcon: mlp_output += attention_output).
+        y = torch.addcmul(out, delta.reshape(out.shape), modulation.view(out.shape))
         ctx.low_rank, ctx.scaling, ctx.out_dtype = low_rank, scaling, out.dtype
         ctx.save_for_backward(mix, weight, offset, *((a, B) if low_rank else (delta,)))
         return y

@@ -48,6 +48,22 @@ def _adapter_of(layers: list[LimeLayer], adapter_name: Optional[str]) -> str:
     return active[0]
 
 
+def check_mixing_weights(layer_name: str, weights: Any, num_experts: int) -> torch.Tensor:
+    """One layer's profile entry as a flat float32 tensor; ValueError unless it holds ``num_experts`` finite weights
+    that are >= 0 and sum to 1. Static routing and export both check with this, so an export never folds a route
+    that the LiME model could not run."""
+    weights = torch.as_tensor(weights, dtype=torch.float32).detach().flatten()
+    if weights.numel() != num_experts or not torch.isfinite(weights).all():
+        raise ValueError(f"profile[{layer_name!r}]: expected {num_experts} finite mixing weights, got {weights}")
+    # Mixing weights are convex in every routing mode, and the layer's fast path relies on it (low_rank_mix.py).
+    if (weights < 0).any() or abs(float(weights.sum()) - 1.0) > 1e-4:
+        raise ValueError(
+            f"profile[{layer_name!r}]: mixing weights must be >= 0 and sum to 1 (as routing makes them), "
+            f"got {weights.tolist()} (sum {float(weights.sum()):.6g})"
+        )
+    return weights
+
+
 def set_static_routing(
     model: nn.Module, profile: Optional[Mapping[str, torch.Tensor]], adapter_name: Optional[str] = None
 ) -> None:
@@ -80,16 +96,7 @@ def set_static_routing(
     checked = {}
     for layer in layers:
         E = layer.lime_routing[adapter].num_experts
-        weights = torch.as_tensor(profile[layer.layer_name], dtype=torch.float32).detach().flatten()
-        if weights.numel() != E or not torch.isfinite(weights).all():
-            raise ValueError(f"profile[{layer.layer_name!r}]: expected {E} finite mixing weights, got {weights}")
-        # Mixing weights are convex in every routing mode, and the layer's fast path relies on it (low_rank_mix.py).
-        if (weights < 0).any() or abs(float(weights.sum()) - 1.0) > 1e-4:
-            raise ValueError(
-                f"profile[{layer.layer_name!r}]: mixing weights must be >= 0 and sum to 1 (as routing makes them), "
-                f"got {weights.tolist()} (sum {float(weights.sum()):.6g})"
-            )
-        checked[layer] = weights
+        checked[layer] = check_mixing_weights(layer.layer_name, profile[layer.layer_name], E)
     for layer, weights in checked.items():
         layer.lime_static_routing[adapter] = weights.to(layer.lime_experts[adapter].weight.device)
 
@@ -228,11 +235,16 @@ def save_routing_profiles(profiles: Mapping[str, Mapping[str, torch.Tensor]], pa
 
 
 def load_routing_profiles(path: Union[str, Path]) -> dict[str, RoutingProfile]:
-    """Read a file written by ``save_routing_profiles``."""
+    """Read a file written by ``save_routing_profiles``; ValueError naming the file when it is not one."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:  # its message names no file; the command line shows this one line
+        raise ValueError(f"{path}: not a safetensors file of routing profiles ({exc})") from exc
     profiles: dict[str, RoutingProfile] = {}
-    for key, w in load_file(str(path)).items():
+    for key, w in tensors.items():
         profile, sep, layer = key.partition(_KEY_SEPARATOR)
         if not sep:
             raise ValueError(f"{path}: {key!r} is not a routing-profile key (written by save_routing_profiles?)")

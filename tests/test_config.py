@@ -59,7 +59,7 @@ BOOL_FIELDS = _lime_fields_annotated("bool")
 def test_field_lists_cover_the_config():
     # Guards the annotation-based lists above: if an annotation is rewritten they must not silently shrink.
     assert len(FLOAT_FIELDS) == 8
-    assert sorted(INT_FIELDS) == ["max_active_experts", "n_gram", "num_experts", "top_k"]
+    assert sorted(INT_FIELDS) == ["balance_interval", "max_active_experts", "n_gram", "num_experts", "num_tasks", "top_k"]
     assert sorted(BOOL_FIELDS) == ["auto_topk", "shared_expert"]
 
 
@@ -112,6 +112,8 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_values(tmp_path):
         top_k=np.int32(2),
         n_gram=np.uint8(2),
         max_active_experts=np.int16(3),
+        num_tasks=np.int64(3),
+        balance_interval=np.int32(5),
         temperature=np.float32(0.25),
         routing_gamma=1,  # an int is a valid float value
         auto_topk=np.bool_(False),
@@ -124,6 +126,7 @@ def test_numpy_scalars_are_accepted_and_stored_as_python_values(tmp_path):
     for name in BOOL_FIELDS:
         assert type(getattr(config, name)) is bool, name
     assert (config.num_experts, config.top_k, config.n_gram, config.max_active_experts) == (4, 2, 2, 3)
+    assert (config.num_tasks, config.balance_interval) == (3, 5)
     assert (config.temperature, config.routing_gamma, config.auto_topk) == (0.25, 1.0, False)
     json.dumps(config.to_dict())
     config.save_pretrained(tmp_path)

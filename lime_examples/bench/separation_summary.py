@@ -32,10 +32,15 @@ def gold_strings(suite: DigitSuite, split: str) -> list[str]:
 
 
 def summarise(
-    rows: list[Row], runs: dict[str, list[dict[str, Any]]], chosen: dict[str, float], suite: DigitSuite, args: Any
+    rows: list[Row],
+    runs: dict[str, list[dict[str, Any]]],
+    chosen: dict[str, float],
+    suite: DigitSuite,
+    args: Any,
+    wanted: Optional[list[tuple[str, str]]] = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per row: macro with its interval, seed std, per-task means, paired difference to LoRA r=8, routing; and the
-    other paired differences."""
+    other paired differences (``wanted``: (a, b) pairs of row names; default: the main benchmark's)."""
     gold = gold_strings(suite, "test")
     sizes = [len(g) for g in gold]
     boot = PairedBootstrap(sizes, len(args.seeds), args.bootstrap)
@@ -72,8 +77,9 @@ def summarise(
         summary[row.name] = entry
     names = [row.name for row in rows]
     matched = [n for n in names if "(params of LiME E=8)" in n]
-    wanted = [(LIME_GLOBAL, LIME_MICRO)] + [(lime, other) for lime in (LIME_MICRO, LIME_GLOBAL) for other in matched]
-    wanted += [(PER_TASK, lime) for lime in (LIME_MICRO, LIME_GLOBAL)]
+    if wanted is None:
+        wanted = [(LIME_GLOBAL, LIME_MICRO)] + [(lime, o) for lime in (LIME_MICRO, LIME_GLOBAL) for o in matched]
+        wanted += [(PER_TASK, lime) for lime in (LIME_MICRO, LIME_GLOBAL)]
     pairs = []
     for a, b in wanted:
         if a in correct and b in correct:

@@ -32,6 +32,7 @@ TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dens
 RANK = 8
 WARMUP_FRACTION = 0.1
 EVAL_BATCH = 256
+CALIBRATION_SEED = 100_000  # routing-centroid calibration streams: seed + this, never a training stream's seed
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class Row:
     lime: dict[str, Any] = field(default_factory=dict)
     experts: int = 8
     top_k: int = 2
+    # Learning rate of LiME's expert vectors relative to the adapter's (the authors train them at 2.5x).
+    expert_lr_scale: float = 1.0
+
+    @property
+    def needs_task_ids(self) -> bool:
+        """The oracle routing modes read each sample's task id in training and evaluation."""
+        return self.lime.get("routing_mode") in ("task", "task_learned")
 
 
 @dataclass
@@ -165,6 +173,18 @@ def _schedule(steps: int) -> Any:
     return factor
 
 
+def _param_groups(adapted: Adapted, lr: float) -> list[dict[str, Any]]:
+    """One group, or two when the row trains LiME's expert vectors at their own lr (``Row.expert_lr_scale``)."""
+    if adapted.row.expert_lr_scale == 1.0:
+        return [{"params": adapted.parameters()}]
+    named = [(n, p) for m in adapted.models for n, p in m.named_parameters() if p.requires_grad]
+    experts = [p for n, p in named if ".lime_experts." in n]
+    return [
+        {"params": [p for n, p in named if ".lime_experts." not in n]},
+        {"params": experts, "lr": lr * adapted.row.expert_lr_scale},
+    ]
+
+
 def train(adapted: Adapted, suite: DigitSuite, tok: Any, lr: float, seed: int, cfg: Config) -> dict[str, Any]:
     """The shared protocol (module docstring); returns train seconds and the mean loss of the last 10% of steps."""
     num_tasks = len(suite.tasks)
@@ -176,7 +196,7 @@ def train(adapted: Adapted, suite: DigitSuite, tok: Any, lr: float, seed: int, c
         mask[own] = 0.0
         masks.append(mask)
     params = adapted.parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(adapted, lr), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.steps))
     draw = suite.train_stream(seed, cfg.micro_batch)
     adapted.train()
@@ -187,7 +207,10 @@ def train(adapted: Adapted, suite: DigitSuite, tok: Any, lr: float, seed: int, c
         for t in task_order(seed, step, num_tasks):
             batch = draw(t)
             y = torch.tensor([index[ex.label] for ex in batch])
-            logits = adapted.model_for(t)(**encode(tok, batch)).logits + masks[t]
+            inputs = encode(tok, batch)
+            if adapted.row.needs_task_ids:
+                inputs["task_ids"] = torch.full((len(batch),), t, dtype=torch.long)
+            logits = adapted.model_for(t)(**inputs).logits + masks[t]
             loss = torch.nn.functional.cross_entropy(logits, y) / num_tasks
             total = loss
             if adapted.aux is not None:
@@ -228,7 +251,7 @@ def predict(
             for start in range(0, len(idx), EVAL_BATCH):
                 chunk = idx[start : start + EVAL_BATCH]
                 batch = encode(tok, [examples[i] for i in chunk])
-                if routing:
+                if routing or adapted.row.needs_task_ids:
                     batch["task_ids"] = torch.full((len(chunk),), t, dtype=torch.long)
                 logits = adapted.model_for(t)(**batch).logits[:, label_ids[t]]
                 for i, j in zip(chunk, logits.argmax(-1).tolist()):
@@ -249,8 +272,14 @@ def run_once(
     row: Row, base: nn.Module, suite: DigitSuite, tok: Any, lr: float, seed: int, cfg: Config, splits: Sequence[str]
 ) -> dict[str, Any]:
     """Train ``row`` with (lr, seed) and predict the requested splits ("validation", "test")."""
+    import peft_lime
+
     torch.manual_seed(seed)
     adapted = Adapted(row, base, len(suite.tasks))
+    if row.lime.get("routing_mode") == "centroid":  # unlabelled calibration draws, apart from the training stream
+        draw = suite.train_stream(CALIBRATION_SEED + seed, cfg.micro_batch)
+        batches = [encode(tok, draw(t)) for _ in range(4) for t in range(len(suite.tasks))]
+        peft_lime.fit_routing_centroids(adapted.models[0], batches, seed=seed)
     out: dict[str, Any] = {"method": row.name, "lr": lr, "seed": seed, "trainable": adapted.trainable()}
     out.update(train(adapted, suite, tok, lr, seed, cfg))
     for split in splits:

@@ -32,6 +32,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+# What one training run per method can and cannot show (issue 23).
+SINGLE_RUN_NOTE = (
+    "One training run per method: these intervals resample the test items only, so they say how sure this run's "
+    "scores are, not how a method compares with another: training noise is not in them (on this job, changing only "
+    "the thread count moved LoRA's digits score from 0.695 to 0.23). For a method "
+    "comparison use benchmarks/main_job_seeds.py (5 seeds per method, lr chosen per method on validation, seeds and "
+    "items resampled)."
+)
+
+
 def _ci(stat: Mapping[str, Any]) -> str:
     return (f"{100 * stat['estimate']:+.1f} points, {100 * stat['confidence']:.0f}% CI "
             f"[{100 * stat['ci_low']:+.1f}, {100 * stat['ci_high']:+.1f}]")
@@ -60,8 +70,10 @@ def format_summary(r: Mapping[str, Any]) -> str:
     macro += "".join(f" {o['macro']:11.3f}" for o in others.values())
     lines.append(macro)
     for name, stat in r["bootstrap"].items():
-        lines.append(f"{name.replace('_', ' ')}: {_ci(stat)} (paired bootstrap, {stat['resamples']} resamples, "
-                     f"stratified by task)")
+        lines.append(f"{name.replace('_', ' ')}: {_ci(stat)} (paired bootstrap over the test items of this run, "
+                     f"{stat['resamples']} resamples, stratified by task)")
+    if r["bootstrap"]:
+        lines.append(SINGLE_RUN_NOTE)
     check = r.get("reload_check")
     if check:
         lines.append(f"reloaded adapter: predictions equal = {check['predictions_equal']}, "
