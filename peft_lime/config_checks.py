@@ -184,6 +184,7 @@ def check_base_config(base: PeftConfig) -> None:
         raise ValueError(f"base: {type(base).__name__} cannot be wrapped by LiME: {_UNSUPPORTED_REASONS[peft_type]}")
     if getattr(base, "target_parameters", None):
         raise ValueError(
-            "base.target_parameters: LiME wraps adapted modules, not bare parameters (e.g. MoE expert weights); "
-            "use target_modules"
+            "base.target_parameters: LiME wraps adapted modules, not bare parameters (e.g. MoE expert weights): a fused "
+            "experts parameter has no per-token layer output to route and modulate outside the MoE block's own "
+            "forward. Use target_modules instead, e.g. the attention projections or a shared expert's Linear layers"
         )
