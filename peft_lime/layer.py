@@ -8,7 +8,6 @@ every adapter operation (set_adapter, delete_adapter, requires_grad, enable / di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -25,6 +24,7 @@ from .experts import LimeExperts, expert_seed
 from .layout import TokenLayout, as_sequences
 from .low_rank_mix import use_low_rank_mix
 from .routing_modes import centroid_logits, mode_weights
+from .settings import LimeRoutingSettings
 from .stats import RoutingStats
 from .windowing import window_logits
 
@@ -55,35 +55,6 @@ def check_wrappable(module: nn.Module, layer_name: str = "") -> None:
             f"LiME wraps layers whose output features are the last dimension (Linear, Conv1D, quantized linear); "
             f"{layer_name or 'this layer'} is a {type(frozen).__name__}. Remove it from target_modules."
         )
-
-
-@dataclass(frozen=True)
-class LimeRoutingSettings:
-    """Per-adapter routing settings of one layer, copied from LimeConfig at update_layer time."""
-
-    num_experts: int
-    top_k: int
-    auto_topk: bool
-    auto_topk_threshold: float
-    max_active_experts: Optional[int]
-    selection: str
-    selection_temperature: float
-    n_gram: int
-    ngram_mode: str
-    temperature: float
-    routing_gamma: float
-    routing_norm: str
-    jitter_noise: float
-    importance_loss_coef: float
-    kl_loss_coef: float
-    balance_scope: str = "micro_batch"
-    routing_mode: str = "token"
-    num_tasks: Optional[int] = None
-    balance_interval: int = 1
-
-    @classmethod
-    def from_config(cls, config: Any) -> LimeRoutingSettings:
-        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
 class LimeLayer(nn.Module, BaseTunerLayer):

@@ -120,8 +120,8 @@ def _decode_logits(model, fused: bool, prompt, steps: int) -> torch.Tensor:
 
 
 def test_env_switch_and_setter():
-    assert fused_route.env_switch(None) and fused_route.env_switch("1")
-    assert not any(fused_route.env_switch(v) for v in ("0", "false", "OFF", " no "))
+    assert fused_route.env_switch("1") and fused_route.env_switch(" On ")
+    assert not any(fused_route.env_switch(v) for v in (None, "", "0", "false", "OFF", " no "))
     fused_route.set_fused(False)
     assert not fused_route.fused_enabled()
     fused_route.set_fused(True)
