@@ -63,6 +63,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=None, help="timed train steps per repetition (default 2)")
     g.add_argument("--compiled-layers", type=int, default=None, help="layers of the compiled model (default 8)")
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile table")
+    g.add_argument("--fused", action="store_true",
+                   help="eager rows LoRA, LiME E=8 and LiME E=8 with the fused routing region (efficiency_fused.*)")
     g.add_argument("--compile-quick", action="store_true", help="with --quick: do run the compiled table")
     g.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                    help="torch.compile backend (inductor; the others only to check the code path quickly)")
@@ -112,8 +114,9 @@ def run_headline(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "args": {**w.to_dict(), "quick": args.quick, "no_compile": no_compile},
     }
     started = time.time()
-    LOGGER.info("eager: %s at %d layers, %d repetitions", ", ".join(headline.HEADLINE_METHODS), w.layers, w.reps)
-    result["eager"] = headline.measure_eager(w)
+    names = headline.FUSED_METHODS if args.fused else headline.HEADLINE_METHODS
+    LOGGER.info("eager: %s at %d layers, %d repetitions", ", ".join(names), w.layers, w.reps)
+    result["eager"] = headline.measure_eager(w, names)
     result["compiled"] = None
     if not no_compile:
         LOGGER.info("compiled (%s): %d layers; compiling takes minutes", w.compile_backend, w.compiled_layers)
@@ -154,9 +157,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(markdown)
         return 0
     result = run_headline(args, command)
-    (out_dir / "efficiency.json").write_text(json.dumps(result, indent=1))
+    stem = "efficiency_fused" if args.fused else "efficiency"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     markdown = headline_report.to_markdown(result)
-    (out_dir / "efficiency.md").write_text(markdown)
+    (out_dir / f"{stem}.md").write_text(markdown)
     print(markdown)
     return 0
 
