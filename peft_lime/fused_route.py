@@ -51,8 +51,8 @@ BACKEND = "inductor"
 
 def env_switch(value: Optional[str]) -> bool:
     """Whether a ``PEFT_LIME_FUSED`` value turns the fused region on (1 / true / on / yes: on; unset or anything else:
-    off). Off by default until its speed is measured on an idle machine and its cold compile time (25 s at n_gram 3,
-    30 layers) is within bound; the eager path is the reference it is tested against."""
+    off). Off by default: on a 2-core CPU it is slower end to end than the eager path (benchmarks/results/
+    efficiency_fused.md), which is also the reference it is tested against."""
     return value is not None and value.strip().lower() in ("1", "true", "on", "yes")
 
 
