@@ -4,7 +4,9 @@ Rows, all LiME E=8 over LoRA r=8 on the same protocol, lr searched per row: the 
 router: every token mixes all experts equally, the experts are one learned output scale); the two task oracles
 (each task's tokens to a fixed expert, or a learned per-task mix: the ceiling of what routing can add with
 modulation experts); the authors' balance schedule (balance 0.01 x (importance 0.1, kl 0.01) on one micro-batch in
-50, expert vectors at 2.5x the adapter lr); balance off. LoRA r=8 is kept as the common reference.
+50, expert vectors at 2.5x the adapter lr); balance off; jitter off; uniform and oracle again with the expert vectors
+at 10x the lr (they move little at the adapter's lr in 60 steps); the centroid router (routing_mode="centroid", no
+trainable router parameters). LoRA r=8 is kept as the common reference.
 
 The questions the intervals answer: does the router beat uniform mixing (routing content), does the oracle beat
 uniform (headroom for routing), does the balance schedule matter.
