@@ -9,7 +9,8 @@ the adapter.
 Features, per layer: u_t = normalise(h_t - mean h) over the calibration tokens; with ``n_gram = n`` the router then
 averages the logits u_t . c_i of tokens t-n+1..t of the same sequence (causal windows, windowing.py), which is
 (mean of u over the window) . c_i: so k-means runs on those causal window means (normalised), the very features the
-router compares with the centroids. Spherical k-means (cosine), k-means++ seeding from a fixed seed.
+router compares with the centroids (with ``ngram_mode="prefix"``: the means of each sequence's opening,
+prefix_pooling.py). Spherical k-means (cosine), k-means++ seeding from a fixed seed.
 
 Layers are calibrated together in one pass: while a layer has no centroids its routing is uniform (all logits 0), so
 later layers see the outputs of uniformly routed earlier layers; at initialisation (experts within 10% of 1) that is
@@ -25,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .prefix_pooling import prefix_mean
 from .routing import causal_window_mean
 
 logger = logging.getLogger(__name__)
@@ -138,9 +140,11 @@ def fit_routing_centroids(
         features = []
         for seq, valid, segments in entries:
             u = nn.functional.normalize(seq - center, dim=-1, eps=1e-6)
-            if settings.n_gram > 1:
-                v = None if valid is None else valid.cpu()
-                seg = None if segments is None else segments.cpu()
+            v = None if valid is None else valid.cpu()
+            seg = None if segments is None else segments.cpu()
+            if settings.ngram_mode == "prefix":  # the router compares the opening's mean with the centroids
+                u = prefix_mean(u, settings.n_gram, valid=v, segments=seg)[0]
+            elif settings.n_gram > 1:
                 u = causal_window_mean(u, settings.n_gram, valid=v, segments=seg)
             u = u.reshape(-1, u.shape[-1])
             features.append(u[valid.reshape(-1).cpu()] if valid is not None else u)

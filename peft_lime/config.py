@@ -88,12 +88,14 @@ class LimeConfig(PeftConfig):
     n_gram: int = field(
         default=1, metadata={"help": "Window length n of n-gram routing (1: every token routes alone)."}
     )
-    ngram_mode: Literal["causal", "block"] = field(
+    ngram_mode: Literal["causal", "block", "prefix"] = field(
         default="causal",
         metadata={
             "help": "'causal': token t routes with the mean logits of tokens t-n+1..t of its own sequence (no future "
             "leak, cache-consistent). 'block': blocks of n tokens route with their last token, as in the paper's "
-            "code; non-causal, for reproduction only."
+            "code; non-causal, for reproduction only. 'prefix': every token routes with the mean logits of its "
+            "sequence's first min(t + 1, n) tokens, i.e. by how the sequence opens (a task word, an instruction): "
+            "a sequence-level route, causal and cache-consistent (peft_lime/prefix_pooling.py)."
         },
     )
     temperature: float = field(default=0.5, metadata={"help": "Softmax temperature tau of the router."})
@@ -191,7 +193,7 @@ class LimeConfig(PeftConfig):
         self.selection = check_choice("selection", self.selection, ("soft", "hard"))
         self.selection_temperature = check_float("selection_temperature", self.selection_temperature, 0, lo_open=True)
         self.n_gram = check_int("n_gram", self.n_gram)
-        self.ngram_mode = check_choice("ngram_mode", self.ngram_mode, ("causal", "block"))
+        self.ngram_mode = check_choice("ngram_mode", self.ngram_mode, ("causal", "block", "prefix"))
         self.temperature = check_float("temperature", self.temperature, 0, lo_open=True)
         self.routing_gamma = check_float("routing_gamma", self.routing_gamma, 0, 1)
         self.routing_norm = check_choice("routing_norm", self.routing_norm, ("token", "batch"))

@@ -5,7 +5,8 @@ computed by earlier forward calls. ``DecodeWindows`` keeps those last n - 1 logi
 makes them follow the KV cache object: generate reorders the cache (beam search), selects or repeats its rows
 (contrastive search, ``num_return_sequences``) or crops it (assisted decoding). Reorders are applied to the windows
 too; a crop that removes tokens loses them (the logits of the tokens before the kept tail were never stored), and the
-next decoding step then refuses to guess (see ``get``).
+next decoding step then refuses to guess (see ``get``). With ``ngram_mode="prefix"`` the kept pair is the opening's
+logit sum and token count instead (prefix_pooling.py); it follows the cache the same way.
 
 It is the only writer of this state: the layers call ``get`` / ``keep``, the routing context calls ``start`` and
 ``follow``.
@@ -30,7 +31,7 @@ CANDIDATE_DECODING_KWARGS = (
 ASSISTED_DECODING_ERROR = (
     "n_gram={n_gram}: {option} decodes with candidate tokens and rolls the KV cache back, and LiME's routing windows "
     "of the rolled-back tokens cannot be rebuilt. Assisted / prompt-lookup / speculative decoding is not supported "
-    "with n_gram > 1; greedy, sampling and beam search are (or use n_gram=1)."
+    "with n_gram > 1 or ngram_mode='prefix'; greedy, sampling and beam search are (or use n_gram=1 with ngram_mode 'causal')."
 )
 
 
@@ -79,6 +80,10 @@ class DecodeWindows:
             valid = torch.cat([past[1], valid], dim=1)
         keep = n_gram - 1
         self._tails[key] = (logits[:, -keep:].detach(), valid[:, -keep:])
+
+    def put(self, key: Hashable, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Store a row-aligned state pair of ``key`` as it is (prefix routing: the opening's logit sum and count)."""
+        self._tails[key] = state
 
     def forget(self, key_filter: Callable[[Hashable], bool]) -> None:
         """Drop the windows whose key matches (an adapter was re-created or deleted)."""

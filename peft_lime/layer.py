@@ -26,7 +26,7 @@ from .low_rank_mix import use_low_rank_mix
 from .routing_modes import centroid_logits, mode_weights
 from .settings import LimeRoutingSettings
 from .stats import RoutingStats
-from .windowing import window_logits
+from .windowing import pools_over_sequence, window_logits
 
 MERGE_ERROR = (
     "LiME adapters cannot be merged into the base weights: each token's adapter output is multiplied by an "
@@ -243,7 +243,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             )
         if self.training:
             logits = routing.apply_jitter(logits, s.jitter_noise)
-        if s.n_gram > 1:
+        if pools_over_sequence(s.n_gram, s.ngram_mode):
             windows = self._context.windows
             logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, (id(self), adapter), not self.training)
         logits = logits.reshape(-1, E)

@@ -22,6 +22,7 @@ from .decode_state import ASSISTED_DECODING_ERROR, CANDIDATE_DECODING_KWARGS
 from .layer import ADAPTER_NAMES_ERROR, MERGE_ERROR, LimeLayer, check_wrappable
 from .load_checks import check_checkpoint
 from .peft_type import LIME_PREFIX
+from .windowing import pools_over_sequence
 
 
 def _base_tuner_cls(config: LimeConfig) -> type[BaseTuner]:
@@ -65,7 +66,9 @@ class LimeModel(BaseTuner):
 
     def _update_window_tracking(self) -> None:
         # The KV cache is followed (its methods wrapped) only when some adapter routes with n-gram windows.
-        self.routing_context.track_windows = any(conf.n_gram > 1 for conf in self.peft_config.values())
+        self.routing_context.track_windows = any(
+            pools_over_sequence(conf.n_gram, conf.ngram_mode) for conf in self.peft_config.values()
+        )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         # A failed injection (a target LiME cannot wrap, a variant without delta, ...) must leave the model as it
@@ -83,10 +86,10 @@ class LimeModel(BaseTuner):
         # model sees it: refuse it here, or the batch would silently run with the active adapter.
         if kwargs.get("adapter_names") is not None:
             raise ValueError(ADAPTER_NAMES_ERROR)
-        n_gram = 1
-        for name in self.active_adapters:
-            n_gram = max(n_gram, self.peft_config[name].n_gram)
-        if n_gram > 1:
+        pooled = [self.peft_config[name] for name in self.active_adapters]
+        pooled = [c for c in pooled if pools_over_sequence(c.n_gram, c.ngram_mode)]
+        if pooled:
+            n_gram = max(c.n_gram for c in pooled)
             for option in CANDIDATE_DECODING_KWARGS:
                 if kwargs.get(option) is not None:
                     raise ValueError(ASSISTED_DECODING_ERROR.format(n_gram=n_gram, option=option))

@@ -9,7 +9,13 @@ import torch
 
 from .decode_state import DecodeWindows
 from .layout import TokenLayout
+from .prefix_pooling import prefix_mean
 from .routing import block_window_logits, causal_window_mean
+
+
+def pools_over_sequence(n_gram: int, mode: str) -> bool:
+    """Whether a token's route depends on other tokens of its sequence (so decoding needs kept state)."""
+    return n_gram > 1 or mode == "prefix"
 
 
 def window_logits(
@@ -41,6 +47,18 @@ def window_logits(
     past = None
     if layout is not None and layout.continuing:
         past = windows.get(key, seq.shape[0], n_gram)
+    if mode == "prefix":  # the mean of the sequence's first n tokens (prefix_pooling.py); state: their sum, count
+        pooled, opening_sum, opening_count = prefix_mean(
+            seq,
+            n_gram,
+            valid=valid,
+            segments=layout.segments if layout is not None else None,
+            past_sum=past[0] if past is not None else None,
+            past_count=past[1] if past is not None else None,
+        )
+        if layout is not None and keep:
+            windows.put(key, (opening_sum.detach(), opening_count.detach()))
+        return pooled.reshape(shape)
     windowed = causal_window_mean(
         seq,
         n_gram,
