@@ -32,9 +32,10 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def _needs_full_rows(lm: nn.Module) -> bool:
-    """True when a LiME adapter routes over windows of n > 1 tokens (prompt sharing via a gathered cache is unsafe)."""
+    """True when a LiME adapter routes with other tokens of the sequence (n > 1 windows or the opening: prompt sharing
+    via a gathered cache is unsafe, the kept routing state cannot follow the gather)."""
     configs = getattr(lm, "peft_config", None) or {}
-    return any(getattr(conf, "n_gram", 1) > 1 for conf in configs.values())
+    return any(getattr(conf, "n_gram", 1) > 1 or getattr(conf, "ngram_mode", "") == "prefix" for conf in configs.values())
 
 
 def _left_pad(encoded: list[tuple[list[int], list[bool]]], pad_id: int, device: torch.device):
