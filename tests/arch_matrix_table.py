@@ -38,8 +38,10 @@ COLUMNS = {
     "save / load": ("save_load",),
     "batch n=1": ("batch_left_n1", "batch_right_n1", "batch_n1"),
     "batch n=3": ("batch_left_n3", "batch_right_n3", "batch_n3"),
+    "batch prefix n=3": ("batch_left_p3", "batch_right_p3", "batch_p3"),
     "generate n=1": (GENERATE_CHECKS[0],),
     "generate n=3": (GENERATE_CHECKS[1],),
+    "generate prefix n=3": (GENERATE_CHECKS[2],),
     "disable_adapter": ("disable_adapter",),
     "fused MoE experts": ("target_parameters",),
 }

@@ -21,6 +21,7 @@ without any adapter fails it too, and that LiME does no better: the cell fails a
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +42,17 @@ ATOL_SAVE = 1e-5
 NUM_EXPERTS = 4
 NEW_TOKENS = 3
 
-PADDED_CHECKS = ("batch_left_n1", "batch_left_n3", "batch_right_n1", "batch_right_n3")
-UNPADDED_CHECKS = ("batch_n1", "batch_n3")
-GENERATE_CHECKS = ("generate_n1", "generate_n3")
+# Suffix: "n1" / "n3" causal windows of 1 / 3 tokens, "p3" the opening's first 3 tokens (ngram_mode="prefix").
+PADDED_CHECKS = (
+    "batch_left_n1",
+    "batch_left_n3",
+    "batch_right_n1",
+    "batch_right_n3",
+    "batch_left_p3",
+    "batch_right_p3",
+)
+UNPADDED_CHECKS = ("batch_n1", "batch_n3", "batch_p3")
+GENERATE_CHECKS = ("generate_n1", "generate_n3", "generate_p3")
 CHECKS = ("wrap", "train_step", "save_load", *PADDED_CHECKS, *UNPADDED_CHECKS, *GENERATE_CHECKS, "disable_adapter")
 
 # (architecture, check) -> why transformers itself fails it; the cell asserts the base model fails it too.
@@ -54,6 +63,7 @@ _BART_POSITIONS = (
 BASE_FAILURES: dict[tuple[str, str], str] = {
     ("bart", "batch_left_n1"): _BART_POSITIONS,
     ("bart", "batch_left_n3"): _BART_POSITIONS,
+    ("bart", "batch_left_p3"): _BART_POSITIONS,
 }
 
 
@@ -73,16 +83,17 @@ def applicable(name: str, check: str) -> bool:
 # --- building --------------------------------------------------------------------------------------------------------
 
 
-def lime_model(name: str, n_gram: int = 1) -> tuple[Any, ArchModel]:
+def lime_model(name: str, n_gram: int = 1, ngram_mode: str = "causal") -> tuple[Any, ArchModel]:
     """LiME over LoRA r=4 (random B), E=4, experts scattered far from 1 so that a wrong route shows."""
     arch = build(name)
     torch.manual_seed(0)
-    model = get_peft_model(arch.model, lime(lora(target_modules=arch.targets), num_experts=NUM_EXPERTS, n_gram=n_gram))
+    config = lime(lora(target_modules=arch.targets), num_experts=NUM_EXPERTS, n_gram=n_gram, ngram_mode=ngram_mode)
+    model = get_peft_model(arch.model, config)
     scatter_experts(model)
     return model.eval(), arch
 
 
-def base_model(name: str, n_gram: int = 1) -> tuple[Any, ArchModel]:
+def base_model(name: str, n_gram: int = 1, ngram_mode: str = "causal") -> tuple[Any, ArchModel]:
     arch = build(name)
     return arch.model, arch
 
@@ -159,8 +170,8 @@ def check_save_load(make: Callable[..., tuple[Any, ArchModel]], path: Any) -> No
     torch.testing.assert_close(_forward(loaded, batch), before, atol=ATOL_SAVE, rtol=0)
 
 
-def check_batch(make: Callable[..., tuple[Any, ArchModel]], side: str, n_gram: int) -> None:
-    model, arch = make(n_gram=n_gram)
+def check_batch(make: Callable[..., tuple[Any, ArchModel]], side: str, n_gram: int, mode: str = "causal") -> None:
+    model, arch = make(n_gram=n_gram, ngram_mode=mode)
     group = samples(arch, arch.lengths)
     batch = collate(arch, group, side)
     together = _forward(model, batch)
@@ -172,8 +183,8 @@ def check_batch(make: Callable[..., tuple[Any, ArchModel]], side: str, n_gram: i
         torch.testing.assert_close(row, alone, atol=ATOL, rtol=0, msg=lambda m, i=i: f"sample {i}: {m}")
 
 
-def check_generate(make: Callable[..., tuple[Any, ArchModel]], n_gram: int) -> None:
-    model, arch = make(n_gram=n_gram)
+def check_generate(make: Callable[..., tuple[Any, ArchModel]], n_gram: int, mode: str = "causal") -> None:
+    model, arch = make(n_gram=n_gram, ngram_mode=mode)
     batch = collate(arch, samples(arch, (arch.prompt_length,) * 2))
     if arch.kind in ("seq2seq", "speech"):  # decoding starts from decoder_start_token_id
         batch.pop("decoder_input_ids", None)
@@ -249,7 +260,8 @@ def _lora_kwargs(arch: ArchModel) -> dict[str, Any]:
 
 def run_check(name: str, check: str, path: Any = None, adapter: bool = True) -> None:
     """Run one cell; `adapter=False` runs the same check on the base model (for BASE_FAILURES)."""
-    make = (lambda n_gram=1: lime_model(name, n_gram)) if adapter else (lambda n_gram=1: base_model(name, n_gram))
+    make = functools.partial(lime_model if adapter else base_model, name)
+    mode = "prefix" if check.endswith("_p3") else "causal"
     if check == "wrap":
         check_wrap(make)
     elif check == "train_step":
@@ -257,11 +269,11 @@ def run_check(name: str, check: str, path: Any = None, adapter: bool = True) -> 
     elif check == "save_load":
         check_save_load(make, path)
     elif check in PADDED_CHECKS:
-        check_batch(make, check.split("_")[1], int(check[-1]))
+        check_batch(make, check.split("_")[1], int(check[-1]), mode)
     elif check in UNPADDED_CHECKS:
-        check_batch(make, "right", int(check[-1]))
+        check_batch(make, "right", int(check[-1]), mode)
     elif check in GENERATE_CHECKS:
-        check_generate(make, int(check[-1]))
+        check_generate(make, int(check[-1]), mode)
     elif check == "disable_adapter":
         check_disable_adapter(name)
     else:

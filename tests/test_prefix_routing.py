@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
-from transformers import DynamicCache
+from peft import get_peft_model
 
 import peft_lime
 from peft_lime.prefix_pooling import prefix_mean
 
 from ._models import VOCAB, lime, lora, scatter_experts, tiny_llama
+from ._routing_checks import assert_cached_decoding_equals_full, assert_padding_invariant, assert_trains_and_reloads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ATOL = 1e-4
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -119,18 +118,7 @@ def test_tokens_after_the_opening_share_its_route(routing_mode):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_and_padding_invariance(routing_mode, side):
     model = _model(routing_mode)
-    short, longer = torch.randint(3, VOCAB, (6,)), torch.randint(3, VOCAB, (11,))
-    ids = torch.zeros(2, 11, dtype=torch.long)
-    mask = torch.zeros(2, 11, dtype=torch.long)
-    if side == "left":
-        ids[0, 5:], mask[0, 5:] = short, 1
-    else:
-        ids[0, :6], mask[0, :6] = short, 1
-    ids[1], mask[1] = longer, 1
-    with torch.no_grad():
-        alone = model(input_ids=short[None]).logits[0]
-        batched = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(batched[0][mask[0].bool()], alone, atol=ATOL, rtol=0)
+    assert_padding_invariant(model, side)
 
 
 def test_packed_sequences_route_as_separate_sequences():
@@ -150,15 +138,7 @@ def test_packed_sequences_route_as_separate_sequences():
 @pytest.mark.parametrize("n_gram", [1, 3, 6])
 def test_cached_decoding_equals_full_forward(routing_mode, n_gram):
     model = _model(routing_mode, n_gram=n_gram)
-    x = torch.randint(3, VOCAB, (2, 11))
-    with torch.no_grad():
-        full = model(input_ids=x).logits
-        out = model(input_ids=x[:, :4], past_key_values=DynamicCache(), use_cache=True)
-        steps = [out.logits]
-        for t in range(4, x.shape[1]):
-            out = model(input_ids=x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+    assert_cached_decoding_equals_full(model)
 
 
 def test_beam_search_scores_equal_a_full_forward():
@@ -185,19 +165,9 @@ def test_beam_search_scores_equal_a_full_forward():
 
 
 def test_training_step_and_save_load(tmp_path):
-    model = _model("token").train()
-    ids = torch.randint(3, VOCAB, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if "lime_experts" in n and p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
-    model.eval()
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_llama(seed=3), tmp_path).eval()
+    model = _model("token")
+    loaded = assert_trains_and_reloads(model, tmp_path, lambda: tiny_llama(seed=3))
     assert loaded.peft_config["default"].ngram_mode == "prefix"
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=0, atol=1e-5)
 
 
 def test_assisted_decoding_is_refused_even_with_n_gram_1():
