@@ -40,7 +40,17 @@ from lime_examples.bench.quality_common import RunLog  # noqa: E402
 from lime_examples.bench.separation_report import fmt_lr  # noqa: E402
 from lime_examples.main_job.run_info import machine_info  # noqa: E402
 from lime_examples.main_job.seeds_report import to_markdown  # noqa: E402
-from lime_examples.main_job.seeds_runs import Job, Row, make_rows, run_once, search_lr, select_rows  # noqa: E402
+from lime_examples.main_job.seeds_runs import (  # noqa: E402
+    LIME,
+    Job,
+    Row,
+    inherited_lr,
+    is_ablation,
+    make_rows,
+    run_once,
+    search_lr,
+    select_rows,
+)
 from lime_examples.main_job.seeds_summary import recipe_stability, summarise, task_layout, verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +76,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     p.add_argument("--max_widen", type=int, default=2, help="grid widenings per row when the choice is at an edge")
     p.add_argument("--search_seed", type=int, default=0)
+    p.add_argument("--ablation_lr", choices=("search", "default"), default="search",
+                   help="'default': the LiME ablation rows train at LiME E=8's chosen lr, without a search of their "
+                   "own (an ablation then changes one thing against the default row, not the lr as well)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--data_seed", type=int, default=0)
@@ -153,6 +166,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     job = build_job(args, device)
     rows, skipped = make_rows(job.lm_config, len(job.data.tasks))
     rows = select_rows(rows, args.rows)
+    if args.ablation_lr == "default" and any(is_ablation(r) for r in rows) and LIME not in {r.name for r in rows}:
+        rows = select_rows(make_rows(job.lm_config, len(job.data.tasks))[0], [r.name for r in rows] + [LIME])
     log = RunLog(out / f"{NAME}_runs.jsonl", protocol(args), resume=args.resume)
     reused, trained, used = len(log.finished), [0], {}
 
@@ -170,7 +185,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     searches, runs, chosen = {}, {}, {}
     for row in rows:
-        searches[row.name] = search_lr(row, args.lrs, args.max_widen, args.search_seed, run)
+        if args.ablation_lr == "default" and is_ablation(row):
+            searches[row.name] = inherited_lr(searches[LIME], LIME)
+        else:
+            searches[row.name] = search_lr(row, args.lrs, args.max_widen, args.search_seed, run)
         chosen[row.name] = searches[row.name]["chosen"]
         runs[row.name] = [run(row, chosen[row.name], seed, ("test",)) for seed in args.seeds]
     summary, pairs = summarise(runs, chosen, args.bootstrap)

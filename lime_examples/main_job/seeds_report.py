@@ -22,6 +22,14 @@ def recipe_text(a: dict[str, Any]) -> str:
     )
 
 
+def inherited_text(args: dict[str, Any]) -> str:
+    """The sentence on the ablation rows' lr when they inherit the default row's (``--ablation_lr default``)."""
+    if args.get("ablation_lr", "search") != "default":
+        return ""
+    return ("The LiME ablation rows do not search: they train at LiME E=8's chosen lr, so each changes one thing "
+            "against that row. ")
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """The whole report."""
     a, m, s = result["args"], result["machine"], result["summary"]
@@ -53,7 +61,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Learning rate: grid {', '.join(fmt_lr(x) for x in a['lrs'])} searched per row with seed {a['search_seed']} "
         "on the validation split (macro accuracy, counted in items); the lowest lr within 1 item of the best is "
         "chosen; a choice at an end of the grid widens it by one point on that side (up to "
-        f"{a['max_widen']} times). The search seed is never scored on test. Intervals: paired two-level bootstrap "
+        f"{a['max_widen']} times). {inherited_text(a)}The search seed is never scored on test. Intervals: paired two-level bootstrap "
         f"({a['bootstrap']} replicates): reporting seeds resampled with replacement and test items resampled within "
         "each task, the same draws for every row; 95% percentile intervals. A difference reads \"higher\" or "
         "\"lower\" only when its interval excludes 0.",
@@ -106,6 +114,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += ["", f"## Learning-rate search (validation, seed {a['search_seed']}; score = macro x items)", "",
               "| row | grid searched | score per lr | chosen | grid widened |", "|---|---|---|---:|---|"]
     for name, r in result["lr_search"].items():
+        if "inherited_from" in r:
+            lines.append(f"| {name} | none: trains at {r['inherited_from']}'s lr | - | {fmt_lr(r['chosen'])} | - |")
+            continue
         scores = ", ".join(f"{fmt_lr(float(lr))}: {v:.1f}" for lr, v in sorted(r["score"].items(),
                                                                                key=lambda x: float(x[0])))
         lines.append(f"| {name} | {', '.join(fmt_lr(x) for x in r['grid'])} | {scores} | {fmt_lr(r['chosen'])} | "

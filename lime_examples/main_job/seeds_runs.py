@@ -81,6 +81,17 @@ def ablation_rows(num_tasks: int) -> list[Row]:
     ]
 
 
+def is_ablation(row: Row) -> bool:
+    """True for the LiME E=8 rows that change one thing against LiME E=8 (the ablation rows)."""
+    return row.method == "lime" and row.name.startswith(f"{LIME} ")
+
+
+def inherited_lr(search: dict[str, Any], source: str) -> dict[str, Any]:
+    """The lr-search record of a row that trains at ``source``'s chosen lr instead of searching its own."""
+    return {"grid": [search["chosen"]], "score": {}, "chosen": search["chosen"], "widened": [],
+            "inherited_from": source}
+
+
 def adapter_count(lm_config: Any, config: Any) -> int:
     """Trainable adapter parameters of ``config`` on a model of ``lm_config``, built on the meta device (no memory,
     no weights drawn)."""
