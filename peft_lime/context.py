@@ -20,7 +20,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .decode_state import DecodeWindows, cache_length, count_cached_tokens, record_created_cache
+from .decode_state import (
+    DecodeWindows,
+    cache_length,
+    count_cached_tokens,
+    is_filled,
+    mark_filled,
+    record_created_cache,
+)
 from .layout import CallScope, TokenLayout
 from .routing import segment_ids_from_positions
 
@@ -88,6 +95,11 @@ class RoutingContext:
             # that do not count them (recurrent / linear attention; decode_state.py).
             call = self.scopes[0] if self.scopes else scope
             record_created_cache(cache_from_kwargs(output), scope.layout.new_tokens, call)
+            if not self.scopes:
+                scope.caches.append(cache_from_kwargs(output))
+        if not self.scopes:  # the whole forward has returned: its caches now hold tokens
+            for cache in scope.caches:
+                mark_filled(cache)
 
     def layout_for(self, x: torch.Tensor, layer: nn.Module) -> Optional[TokenLayout]:
         """The layout of a layer input, or None when it is not laid out like the tokens of the call it runs in."""
@@ -133,11 +145,14 @@ class RoutingContext:
             # keeps it in a tensor, and reading it would stop a compiled decoding step).
             return TokenLayout(valid, None, None, False, B, T)
         cache = cache_from_kwargs(kwargs)
-        continuing = past_length(kwargs.get("cache_position"), cache, T, call) > 0
+        # Compiled: the host-side flag (decode_state.is_filled), not cache_position's value, which would stop the graph.
+        filled = is_filled(cache) if cache is not None and torch.compiler.is_compiling() else None
+        continuing = filled if filled is not None else past_length(kwargs.get("cache_position"), cache, T, call) > 0
         if cache is not None:
             if not continuing:
                 self.windows.start()  # a new sequence starts in this cache
             self.windows.follow(cache)
+            call.caches.append(cache)
         if torch.is_tensor(position_ids) and position_ids.dim() == 2 and position_ids.shape[-1] == T:
             position_ids = position_ids.expand(B, T)
             segments = None if continuing else segment_ids_from_positions(position_ids)

@@ -79,11 +79,13 @@ class DecodeWindows:
             logits = torch.cat([past[0].to(logits.dtype), logits], dim=1)
             valid = torch.cat([past[1], valid], dim=1)
         keep = n_gram - 1
-        self._tails[key] = (logits[:, -keep:].detach(), valid[:, -keep:])
+        # Contiguous: a compiled decoding step guards on the strides of the tail it reads, and a slice of the
+        # prompt's logits has other strides than a slice of one step's.
+        self._tails[key] = (logits[:, -keep:].detach().contiguous(), valid[:, -keep:].contiguous())
 
     def put(self, key: Hashable, state: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Store a row-aligned state pair of ``key`` as it is (prefix routing: the opening's logit sum and count)."""
-        self._tails[key] = state
+        self._tails[key] = (state[0].contiguous(), state[1].contiguous())  # contiguous: see keep
 
     def forget(self, key_filter: Callable[[Hashable], bool]) -> None:
         """Drop the windows whose key matches (an adapter was re-created or deleted)."""
@@ -141,13 +143,37 @@ class DecodeWindows:
         wrap("batch_select_indices", self.reorder)
         wrap("batch_repeat_interleave", self.repeat)
         wrap("crop", lambda _: None, measure=True)
-        wrap("reset", lambda _: cache.__dict__.pop(_TOKEN_COUNT, None))
+        wrap("reset", lambda _: forget_tokens(cache))
 
 
 # A cache object's count of the tokens LiME's calls put into it, for caches that keep no length: (call, tokens before
 # that call, tokens after it), the call being its outermost scope object. Every (sub)model call of one forward reads
 # the same "before".
 _TOKEN_COUNT = "_lime_token_count"
+
+
+# Set on a cache object when a forward of LiME's model has put tokens into it, cleared by its reset(): whether a call
+# continues a sequence, known on the host. A compiled decoding step reads this flag instead of cache_position's first
+# element: reading a tensor's value stops the graph (and a host-side length would be a guard that changes every
+# step), while a bool is a guard with two values, prefill and decode.
+_FILLED = "_lime_filled"
+
+
+def mark_filled(cache: Any) -> None:
+    """A forward of LiME's model has put tokens into ``cache``."""
+    if cache is not None and hasattr(cache, "__dict__"):
+        setattr(cache, _FILLED, True)
+
+
+def is_filled(cache: Any) -> Optional[bool]:
+    """True when LiME's model has put tokens into ``cache`` since it was created or reset; None when unknown."""
+    return getattr(cache, _FILLED, None)
+
+
+def forget_tokens(cache: Any) -> None:
+    """The cache was reset: it holds no tokens, and its counts restart."""
+    cache.__dict__.pop(_TOKEN_COUNT, None)
+    cache.__dict__.pop(_FILLED, None)
 
 
 def cache_length(cache: Any) -> Optional[int]:

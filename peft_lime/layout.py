@@ -3,7 +3,7 @@ CallScope: the layouts of one model call in progress (context.py keeps a stack o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -30,6 +30,8 @@ class CallScope:
     layout: Optional[TokenLayout]
     encoder_states: Optional[torch.Tensor] = None
     encoder_layout: Optional[TokenLayout] = None
+    # KV caches this call puts tokens into (followed for n-gram windows): marked filled when the forward returns.
+    caches: list[Any] = field(default_factory=list)
 
     def layout_of(self, x: torch.Tensor) -> Optional[TokenLayout]:
         """The layout of a layer input of this call, or None when it is not laid out like the call's tokens."""

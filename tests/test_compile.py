@@ -128,23 +128,30 @@ def test_compiled_steps_after_an_eager_step_do_not_recompile():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_gram", [1, 3])
-def test_static_cache_compiled_generate_equals_eager_logits(n_gram):
+@pytest.mark.parametrize("n_gram, ngram_mode", [(1, "causal"), (3, "causal"), (3, "prefix")])
+def test_static_cache_compiled_generate_equals_eager_logits(n_gram, ngram_mode):
     from transformers import CompileConfig
 
-    model = _model(n_gram).eval()
+    model = _model(n_gram, ngram_mode=ngram_mode).eval()
     prompt = torch.randint(3, VOCAB, (2, 6))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     kwargs.update(output_logits=True, return_dict_in_generate=True)
-    # n_gram = 1 needs no cache length at all, so the whole decoding step is one graph: fullgraph=True proves it.
-    config = CompileConfig(backend="aot_eager", fullgraph=n_gram == 1)
+    # fullgraph=True proves each decoding step is one graph: with n-gram windows too (the step reads whether the cache
+    # holds tokens from a host-side flag, not from cache_position's value).
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
     config._compile_all_devices = True  # transformers compiles automatically on accelerators only
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model.generate(input_ids=prompt, **kwargs)
-        compiled = model.generate(input_ids=prompt, cache_implementation="static", compile_config=config, **kwargs)
+        # Any recompilation raises: every decoding step, and a second generate on the reset cache, reuse the graphs.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = model.generate(input_ids=prompt, cache_implementation="static", compile_config=config, **kwargs)
+            again = model.generate(input_ids=prompt.flip(0), cache_implementation="static", compile_config=config,
+                                   **kwargs)
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(eager.logits, 1), atol=1e-5, rtol=0)
+    flipped = model.generate(input_ids=prompt.flip(0), **kwargs)
+    torch.testing.assert_close(torch.stack(again.logits, 1), torch.stack(flipped.logits, 1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
