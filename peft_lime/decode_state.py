@@ -40,6 +40,8 @@ class DecodeWindows:
 
     def __init__(self) -> None:
         self._tails: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Prefix routing: keys whose kept openings all hold n tokens (known on the host; opening_logits.py).
+        self._complete: set[Hashable] = set()
         # Why the kept windows no longer match the cache (e.g. it was cropped), for the error of the next step.
         self.lost_reason: Optional[str] = None
 
@@ -49,6 +51,7 @@ class DecodeWindows:
     def start(self) -> None:
         """A new sequence starts (a forward without cached tokens): earlier windows no longer apply."""
         self._tails.clear()
+        self._complete.clear()
         self.lost_reason = None
 
     def get(self, key: Hashable, batch_size: int, n_gram: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,14 +86,28 @@ class DecodeWindows:
         # prompt's logits has other strides than a slice of one step's.
         self._tails[key] = (logits[:, -keep:].detach().contiguous(), valid[:, -keep:].contiguous())
 
-    def put(self, key: Hashable, state: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Store a row-aligned state pair of ``key`` as it is (prefix routing: the opening's logit sum and count)."""
+    def put(
+        self, key: Hashable, state: tuple[torch.Tensor, torch.Tensor], continued: bool, n_gram: Optional[int] = None
+    ) -> None:
+        """Store a row-aligned state pair of ``key`` as it is (prefix routing: the opening's logit sum and count).
+        With ``n_gram`` (eager only: one host sync per call until it holds), note whether every opening is complete."""
         self._tails[key] = (state[0].contiguous(), state[1].contiguous())  # contiguous: see keep
+        if not continued:
+            self._complete.discard(key)  # new sequences
+        if n_gram is not None and key not in self._complete and not torch.compiler.is_compiling():
+            if bool((state[1] >= n_gram).all()):
+                self._complete.add(key)
+
+    def opening_complete(self, key: Hashable) -> bool:
+        """Whether every kept opening of ``key`` holds n tokens: a decoded token then does not change its route.
+        Row reorders and repeats keep this true; only new sequences (start, put without ``continued``) end it."""
+        return key in self._complete
 
     def forget(self, key_filter: Callable[[Hashable], bool]) -> None:
         """Drop the windows whose key matches (an adapter was re-created or deleted)."""
         for key in [k for k in self._tails if key_filter(k)]:
             del self._tails[key]
+            self._complete.discard(key)
 
     def reorder(self, indices: torch.Tensor) -> None:
         """Rows of the cache were selected / reordered (beam search, contrastive search)."""
@@ -107,6 +124,7 @@ class DecodeWindows:
         """The cache changed in a way the windows cannot follow; the next decoding step will raise."""
         if self._tails:
             self._tails.clear()
+            self._complete.clear()
             self.lost_reason = reason
 
     def follow(self, cache: Any) -> None:

@@ -23,6 +23,7 @@ from .deltas import find_extractor
 from .experts import LimeExperts, expert_seed
 from .layout import TokenLayout, as_sequences
 from .low_rank_mix import use_low_rank_mix
+from .opening_logits import opening_only_logits
 from .routing_modes import centroid_logits, mode_weights
 from .settings import LimeRoutingSettings
 from .stats import RoutingStats
@@ -233,10 +234,18 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             return weights, None
         if fused_route.supports(s):  # the math below as one compiled region (fused_route.py)
             return fused_route.route(self, adapter, h_slice, delta_slice, layout, record, first_pass)
+        centroid_prefix = s.routing_mode == "centroid" and s.ngram_mode == "prefix"
         if s.routing_mode == "centroid":  # cosine to calibrated centroids of the whole frozen output (centroids.py)
             experts = self.lime_experts[adapter]
-            logits = centroid_logits(h, experts.centroids, experts.centroid_center, s.temperature)
-            logits = logits.reshape(h_slice.shape)
+
+            def logits_of(x: torch.Tensor) -> torch.Tensor:
+                return centroid_logits(x, experts.centroids, experts.centroid_center, s.temperature)
+
+            logits = None
+            if centroid_prefix:  # prefix routing reads the opening's logits only (opening_logits.py)
+                complete = self._context.windows.opening_complete((id(self), adapter))
+                logits = opening_only_logits(h, s.n_gram, layout, logits_of, E, complete)
+            logits = (logits_of(h) if logits is None else logits).reshape(h_slice.shape)
         else:
             logits = routing.routing_logits(
                 h_slice, delta_slice, gamma=s.routing_gamma, temperature=s.temperature, norm=s.routing_norm
@@ -245,7 +254,8 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             logits = routing.apply_jitter(logits, s.jitter_noise)
         if pools_over_sequence(s.n_gram, s.ngram_mode):
             windows = self._context.windows
-            logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, (id(self), adapter), not self.training)
+            key = (id(self), adapter)
+            logits = window_logits(logits, s.n_gram, s.ngram_mode, layout, windows, key, not self.training, centroid_prefix)
         logits = logits.reshape(-1, E)
         probs = routing.softmax_over_experts(logits)
         selection = routing.select_experts(

@@ -26,13 +26,15 @@ def window_logits(
     windows: DecodeWindows,
     key: Hashable,
     keep: bool,
+    track_opening: bool = False,
 ) -> torch.Tensor:
     """n-gram routing over (B, T, E) logits (or (N, E), one sequence); with ``keep``, keeps the decoding tail.
 
     ``layout`` None means the input is not laid out like the model's tokens (e.g. a vision tower): each row is one
     sequence, windows are computed within the call and nothing is kept for decoding. The layer keeps tails in eval
     mode only (decoding): a training step never continues a cache, and keeping nothing there leaves no per-step
-    state behind (nothing for a compiled training step to re-check).
+    state behind (nothing for a compiled training step to re-check). ``track_opening``: prefix routing notes when every
+    kept opening is complete (DecodeWindows.opening_complete: the centroid router then skips a decoded token's logits).
     """
     shape = logits.shape
     seq = logits if logits.dim() == 3 else logits.reshape(1, -1, shape[-1])
@@ -57,7 +59,8 @@ def window_logits(
             past_count=past[1] if past is not None else None,
         )
         if layout is not None and keep:
-            windows.put(key, (opening_sum.detach(), opening_count.detach()))
+            state = (opening_sum.detach(), opening_count.detach())
+            windows.put(key, state, continued=past is not None, n_gram=n_gram if track_opening else None)
         return pooled.reshape(shape)
     windowed = causal_window_mean(
         seq,
