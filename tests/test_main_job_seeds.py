@@ -131,6 +131,20 @@ def test_two_level_bootstrap_summary_and_verdict_on_synthetic_runs() -> None:
     assert stab == {"step1_mean": 5.0, "after_warmup_max": 3.5}
 
 
+def test_oracle_minus_uniform_is_reported_against_the_headroom_bar() -> None:
+    from lime_examples.main_job.seeds_summary import summarise, verdict
+
+    runs = _synthetic()
+    runs["LiME E=8 oracle task routing"] = [_run("LiME E=8 oracle task routing", s, {"a": "1111", "b": "11"}, 0.69)
+                                            for s in (1, 2, 3)]
+    summary, pairs = summarise(runs, {n: 0.002 for n in runs}, replicates=500)
+    headroom = [p for p in pairs if p["a"] == "LiME E=8 oracle task routing" and p["b"] == "LiME E=8 uniform routing"]
+    assert len(headroom) == 1 and headroom[0]["diff"][0] == pytest.approx(0.5) and headroom[0]["call"] == "higher"
+    lines = verdict(summary, pairs, num_tasks=2)
+    assert ("Routing headroom: LiME E=8 oracle task routing reaches the 3-point bar over uniform routing (point "
+            "estimate); its interval lies above it.") in lines
+
+
 def test_summary_refuses_unpaired_runs() -> None:
     from lime_examples.main_job.seeds_summary import summarise
 

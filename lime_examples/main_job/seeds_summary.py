@@ -19,6 +19,10 @@ import numpy as np
 from ..bench.paired_stats import PairedBootstrap, call
 from .seeds_runs import LIME, REFERENCE
 
+UNIFORM = f"{LIME} uniform routing"
+# Routing is worth a router when the oracle beats uniform routing by this much (issue 23, part 4).
+HEADROOM_BAR = 0.03
+
 
 def task_layout(runs: Sequence[dict[str, Any]], split: str = "test") -> tuple[list[str], list[int]]:
     """(task names, items per task) of ``split``, checked to be the same in every run."""
@@ -80,6 +84,10 @@ def summarise(
         for other in others:
             diff = boot.interval(correct[LIME], correct[other])
             pairs.append({"a": LIME, "b": other, "diff": diff, "call": call(diff)})
+    if UNIFORM in correct:  # routing headroom: what knowing the task adds over no router (the issue's 3-point bar)
+        for oracle in (n for n in runs if n.startswith(f"{LIME} oracle")):
+            diff = boot.interval(correct[oracle], correct[UNIFORM])
+            pairs.append({"a": oracle, "b": UNIFORM, "diff": diff, "call": call(diff)})
     return summary, pairs
 
 
@@ -107,6 +115,12 @@ def verdict(summary: dict[str, Any], pairs: list[dict[str, Any]], num_tasks: int
             lines.append(f"{name} minus {REFERENCE}: {said(s['vs_reference'])}{lrs(name, REFERENCE)}.")
     for p in pairs:
         lines.append(f"{p['a']} minus {p['b']}: {said(p['diff'])}{lrs(p['a'], p['b'])}.")
+        if p["b"] == UNIFORM and p["a"] != LIME:
+            est, low = p["diff"][0], p["diff"][1]
+            reach = "reaches" if est >= HEADROOM_BAR else "falls short of"
+            sure = "; its interval lies above it" if low >= HEADROOM_BAR else ""
+            lines.append(f"Routing headroom: {p['a']} {reach} the {100 * HEADROOM_BAR:.0f}-point bar over uniform "
+                         f"routing (point estimate){sure}.")
     ceiling = np.log(min(num_tasks, 8))
     for name, s in summary.items():
         if "mi" in s:
