@@ -64,7 +64,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     g.add_argument("--compiled-layers", type=int, default=None, help="layers of the compiled model (default 8)")
     g.add_argument("--no-compile", action="store_true", help="skip the torch.compile table")
     g.add_argument("--fused", action="store_true",
-                   help="eager rows LoRA, LiME E=8 and LiME E=8 with the fused routing region (efficiency_fused.*)")
+                   help="eager rows LoRA, LiME E=8, LiME E=8 with the native kernel off and with the fused routing "
+                   "region (efficiency_fused.*)")
     g.add_argument("--compile-quick", action="store_true", help="with --quick: do run the compiled table")
     g.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
                    help="torch.compile backend (inductor; the others only to check the code path quickly)")

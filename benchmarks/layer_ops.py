@@ -7,7 +7,8 @@ Uses the public API only (``get_peft_model`` + ``LimeConfig``), so the same scri
 peft_lime. One up-projection of SmolLM2-135M's shape (576 -> 1536), LoRA r=8, LiME E=8 (defaults), single thread;
 three calls: decoding (1 token, no grad), an eval forward (16 x 80 tokens, no grad) and a training forward +
 backward (4 x 128 tokens). For each: aten op calls per layer call and self CPU ms per call, LoRA vs LiME, and the op
-table of LiME's extra ops. The JSON records the label and the git commit of the checkout holding the imported
+table of LiME's extra ops, and the wall-clock microseconds per layer call (which also count
+Python and the native decoding kernel, a ctypes call that the aten table cannot see). The JSON records the label and the git commit of the checkout holding the imported
 peft_lime. Compare two JSON files with ``--compare before.json after.json`` (``benchmarks/efficiency.py`` embeds the
 same comparison in efficiency.md). Tables: ``lime_examples/bench/layer_ops_tables.py``.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -62,6 +64,18 @@ def _profile(fn: Callable[[], Any], repeats: int) -> dict[str, dict[str, float]]
     }
 
 
+def _wall_us(fn: Callable[[], Any], repeats: int) -> float:
+    """Wall-clock microseconds per call (best of 5 rounds of ``repeats`` calls): everything a call costs, Python and
+    non-aten work (peft_lime's native kernel is one ctypes call, not an aten op) included."""
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        rounds.append((time.perf_counter() - start) / repeats * 1e6)
+    return min(rounds)
+
+
 def measure(repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, (batch, tokens, train) in CALLS.items():
@@ -77,6 +91,7 @@ def measure(repeats: int) -> dict[str, Any]:
                         y.sum().backward()
 
             row[name] = _profile(call, repeats)
+            row[f"{name}_wall_us"] = _wall_us(call, repeats)
         out[label] = row
     return out
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 
-from . import fused_route, routing
+from . import fused_route, native_route, routing
 from .aux_grad import inject_aux_loss
 from .balance import balance_due, global_balance_terms
 from .context import RoutingContext
@@ -178,8 +178,12 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             delta_slice = delta.narrow(-1, 0, E)
         elif delta_slice.dtype != dtype:
             delta_slice = delta_slice.to(dtype)
+        if delta is not None and (y := native_route.modulate(self, adapter, h, out, delta)) is not None:
+            return y  # decoding: routing and modulation as one native call (native_route.py)
         static = self.lime_static_routing.get(adapter)
-        if static is None:
+        if low_rank is not None and (native := native_route.weights(self, adapter, h, delta_slice)) is not None:
+            weights, aux = native, None  # a large no-grad call: the routing math as one native call
+        elif static is None:
             h_slice = h.narrow(-1, 0, E)
             if h_slice.dim() == 2:  # token rows: windows must not run across sequences (layout.py)
                 h_slice, delta_slice = as_sequences(h_slice, layout), as_sequences(delta_slice, layout)

@@ -21,13 +21,24 @@ import torch
 import torch._inductor.config
 
 from . import harness
-from .methods import LIME_E8, LIME_E8_FUSED, LORA, MIXLORA, MOLORA, all_methods, fused_method
+from .methods import (
+    LIME_E8,
+    LIME_E8_EAGER,
+    LIME_E8_FUSED,
+    LORA,
+    MIXLORA,
+    MOLORA,
+    all_methods,
+    eager_method,
+    fused_method,
+)
 from .param_counts import smollm2_135m_config
 
 HEADLINE_METHODS = (LORA, LIME_E8, MOLORA, MIXLORA)
 COMPILED_METHODS = (LORA, LIME_E8)
-# --fused: LiME with and without the compiled routing region, against LoRA (issue 25).
-FUSED_METHODS = (LORA, LIME_E8, LIME_E8_FUSED)
+# --fused: LiME (native decoding kernel on, the default), with the kernel off, and with the compiled routing region,
+# against LoRA (issue 25).
+FUSED_METHODS = (LORA, LIME_E8, LIME_E8_EAGER, LIME_E8_FUSED)
 
 
 @dataclass
@@ -79,7 +90,7 @@ def build(names: tuple[str, ...], layers: int, batch: int, seq: int) -> tuple[di
     from transformers import LlamaForCausalLM
 
     config = smollm2_135m_config(layers)
-    methods = {m.name: m for m in [*all_methods(include_package=False), fused_method()]}
+    methods = {m.name: m for m in [*all_methods(include_package=False), fused_method(), eager_method()]}
     ids = _random_ids((batch, seq), 1234, config.vocab_size)
     built: dict[str, harness.Trained] = {}
     info: dict[str, dict[str, Any]] = {}

@@ -18,12 +18,20 @@ def totals(row: dict[str, dict[str, dict[str, float]]], method: str) -> tuple[fl
     return sum(v["calls"] for v in ops.values()), sum(v["self_ms"] for v in ops.values())
 
 
+def wall(row: dict[str, Any], method: str) -> str:
+    """Wall-clock microseconds per layer call of ``method``, or '-' (files written before it was measured)."""
+    value = row.get(f"{method}_wall_us")
+    return "-" if value is None else f"{value:.0f}"
+
+
 def summary(result: dict[str, Any]) -> list[str]:
-    """One run: op calls and self ms per layer call, LoRA vs LiME."""
-    lines = ["| call | LoRA ops | LiME ops | LoRA self ms | LiME self ms |", "|---|---:|---:|---:|---:|"]
+    """One run: op calls, self ms and wall microseconds per layer call, LoRA vs LiME."""
+    lines = ["| call | LoRA ops | LiME ops | LoRA self ms | LiME self ms | LoRA wall us | LiME wall us |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, row in result.items():
         (n_lora, ms_lora), (n_lime, ms_lime) = totals(row, "lora"), totals(row, "lime")
-        lines.append(f"| {label} | {n_lora:.0f} | {n_lime:.0f} | {ms_lora:.3f} | {ms_lime:.3f} |")
+        lines.append(f"| {label} | {n_lora:.0f} | {n_lime:.0f} | {ms_lora:.3f} | {ms_lime:.3f} | {wall(row, 'lora')} "
+                     f"| {wall(row, 'lime')} |")
     return lines
 
 
@@ -35,22 +43,25 @@ def describe(data: dict[str, Any]) -> str:
 def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """Two runs (whole JSON files): LoRA (from 'after') next to LiME before and after, ops and self ms per call."""
     lines = [
-        f"Before: {describe(before)}; after: {describe(after)}. Per layer call: aten op calls and self CPU ms.",
+        f"Before: {describe(before)}; after: {describe(after)}. Per layer call: aten op calls, self CPU ms of those ops, "
+        "and wall-clock microseconds (everything: Python, and the native decoding kernel, which is one ctypes call and "
+        "no aten op; '-': not measured by that version of the script).",
         "",
         "| call | LoRA ops | LiME ops before | LiME ops after | LoRA self ms | LiME self ms before "
-        "| LiME self ms after |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| LiME self ms after | LoRA wall us | LiME wall us before | LiME wall us after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, row in after["result"].items():
         n_lora, ms_lora = totals(row, "lora")
         n_after, ms_after = totals(row, "lime")
         old = before["result"].get(label)
-        n_before, ms_before = "-", "-"
+        n_before, ms_before, us_before = "-", "-", "-"
         if old:
             n, ms = totals(old, "lime")
-            n_before, ms_before = f"{n:.0f}", f"{ms:.3f}"
+            n_before, ms_before, us_before = f"{n:.0f}", f"{ms:.3f}", wall(old, "lime")
         lines.append(
-            f"| {label} | {n_lora:.0f} | {n_before} | {n_after:.0f} | {ms_lora:.3f} | {ms_before} | {ms_after:.3f} |"
+            f"| {label} | {n_lora:.0f} | {n_before} | {n_after:.0f} | {ms_lora:.3f} | {ms_before} | {ms_after:.3f} "
+            f"| {wall(row, 'lora')} | {us_before} | {wall(row, 'lime')} |"
         )
     return lines
 

@@ -25,6 +25,7 @@ MOE_TOP_K = 2
 LORA = "LoRA (PEFT)"
 LIME_E8 = "LiME E=8"
 LIME_E8_FUSED = "LiME E=8, fused routing"
+LIME_E8_EAGER = "LiME E=8, native kernel off"
 MIXLORA = "MixLoRA"
 MIXLORA_PKG = "MixLoRA (pip mixlora 0.2.3)"
 MOLORA = "MoLoRA-style E=8 top-2"
@@ -48,19 +49,24 @@ def _lora(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
     return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS))), None
 
 
-def _lime(fused: bool = False, **lime_kwargs: Any) -> Builder:
+def _lime(fused: bool = False, native: bool = True, **lime_kwargs: Any) -> Builder:
     def build(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
         from peft import LoraConfig, get_peft_model
 
         import peft_lime
-        from peft_lime import fused_route
+        from peft_lime import fused_route, native_route
 
         base = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS))
         # LiME injects its balance loss into the gradient itself: no aux hook for the train step.
         peft_model = get_peft_model(model, peft_lime.LimeConfig(base=base, **lime_kwargs))
-        # The fused routing region is a process-wide switch: each LiME model sets it at each of its calls (train
-        # steps and every generate step), so a fused and an eager row can be measured in one process.
-        peft_model.get_base_model().register_forward_pre_hook(lambda *_: fused_route.set_fused(fused))
+        # The fused routing region and the native decoding kernel are process-wide switches: each LiME model sets
+        # them at each of its calls (train steps and every generate step), so rows with and without them can be
+        # measured in one process.
+        def switches(*_: Any) -> None:
+            fused_route.set_fused(fused)
+            native_route.set_native(native)
+
+        peft_model.get_base_model().register_forward_pre_hook(switches)
         return peft_model, None
 
     return build
@@ -78,12 +84,15 @@ def _molora(model: nn.Module) -> tuple[nn.Module, Optional[AuxFn]]:
     return model, apply_molora(model, TARGETS, RANK, ALPHA, MOE_EXPERTS, MOE_TOP_K)
 
 
-def lime_method(name: str, num_experts: int, description: str, fused: bool = False, **kwargs: Any) -> Method:
+def lime_method(
+    name: str, num_experts: int, description: str, fused: bool = False, native: bool = True, **kwargs: Any
+) -> Method:
     """LiME over PEFT LoRA (rank 8, seven targets), shared expert on (the default); ``fused``: the compiled routing
-    region (peft_lime.fused_route) on for this model's calls."""
+    region (peft_lime.fused_route) on for this model's calls; ``native``: the native decoding kernel
+    (peft_lime.native_route, on by default) on."""
     return Method(
         name,
-        _lime(fused=fused, num_experts=num_experts, **kwargs),
+        _lime(fused=fused, native=native, num_experts=num_experts, **kwargs),
         lambda config: lime_params(config, RANK, num_experts, shared_expert=True),
         description,
     )
@@ -92,6 +101,12 @@ def lime_method(name: str, num_experts: int, description: str, fused: bool = Fal
 def fused_method() -> Method:
     """LiME E=8 with the compiled routing region on (``efficiency.py --fused`` only; not in all_methods)."""
     return lime_method(LIME_E8_FUSED, 8, "LiME E=8 with PEFT_LIME_FUSED=1 (compiled routing region)", fused=True)
+
+
+def eager_method() -> Method:
+    """LiME E=8 with the native decoding kernel off: every routing op dispatched by torch, as before the kernel
+    (``efficiency.py --fused`` only; not in all_methods)."""
+    return lime_method(LIME_E8_EAGER, 8, "LiME E=8 with PEFT_LIME_NATIVE=0 (routing as torch ops)", native=False)
 
 
 def all_methods(include_package: bool) -> list[Method]:

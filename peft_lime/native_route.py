@@ -1,0 +1,198 @@
+"""LiME's routing and modulation of one layer as ONE native CPU call, for no-grad calls (decoding, evaluation).
+
+Eager decoding runs LimeLayer._route and the modulation once per layer and token: about forty tensor ops on an (1, E)
+and a (1, d) tensor, whose dispatch (~1-2 us each, plus the Python around them), not their arithmetic, is LiME's
+cost over plain LoRA (benchmarks/layer_ops.py). ``csrc/lime_route.c`` does the same math in one call: token-norm
+logits, softmax, Auto Top-K / top-k selection (soft or hard) and y = out + delta * (1 + g p_s + mix @ W). Large
+no-grad calls (evaluation batches, long prompts), whose modulation is one GEMM (low_rank_mix.py), take the kernel's
+weights-only entry: the ~20 routing ops on (N, E) tensors become one call.
+
+How it is built: with the system C compiler (``$CC``, else ``cc``), once per machine, into a cache folder
+(``$PEFT_LIME_CACHE``, else ``~/.cache/peft_lime``; the file name carries a hash of the source and the compiler, so
+an edit or another compiler builds anew). It is loaded with ctypes: no torch headers, a build takes well under a
+second. Where no compiler works, the layers keep their eager path (logged once at debug level).
+
+When it runs (``modulate`` / ``weights`` return None otherwise, and the layer takes its eager path, which is also
+the reference the tests compare it with at 1e-5): grad mode off, the layer in eval mode, not inside torch.compile or
+a trace; float32 contiguous CPU tensors; ``routing_mode="token"``, ``routing_norm="token"``, no window (n_gram 1,
+not prefix); no routing statistics being recorded, no weights capture, no static routing; E <= 64. Hard top-k
+selection with a tie at the cut falls back too (which tied expert torch.topk keeps is not specified). Training keeps
+the torch ops: autograd needs them (the region of fused_route.py is the opt-in for that).
+
+Switch: on by default; ``PEFT_LIME_NATIVE=0`` or ``set_native(False)`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .routing import _EPS, ADAPTER_SCALE_FLOOR
+
+LOGGER = logging.getLogger(__name__)
+ENV_VAR = "PEFT_LIME_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "lime_route.c"
+MAX_EXPERTS = 64  # LIME_MAX_EXPERTS in the C source: per-token scratch arrays live on the stack
+_FLOAT = torch.float32
+_P, _F, _L, _I = ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_int
+_ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
+_WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
+
+
+def env_switch(value: Optional[str]) -> bool:
+    """Whether a ``PEFT_LIME_NATIVE`` value leaves the native path on (unset: on; 0 / false / off / no: off)."""
+    return value is None or value.strip().lower() not in ("0", "false", "off", "no")
+
+
+_enabled: bool = env_switch(os.environ.get(ENV_VAR))
+_kernel: Any = None
+_weights_kernel: Any = None
+_state = "unloaded"  # "unloaded" -> "ready" | "failed"
+_lock = threading.Lock()
+
+
+def set_native(enabled: bool) -> None:
+    """Turn the native decoding path on or off for this process (overrides ``PEFT_LIME_NATIVE``)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept."""
+    configured = os.environ.get("PEFT_LIME_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "peft_lime"
+
+
+def _library_path(source: bytes, compiler: str) -> Path:
+    tag = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode()])).hexdigest()[:16]
+    return cache_dir() / f"lime_route-{tag}.so"
+
+
+def build(compiler: Optional[str] = None) -> Path:
+    """Compile the kernel (if not already in the cache) and return the library's path; raises when it cannot."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    path = _library_path(SOURCE.read_bytes(), compiler)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once (torchrun ranks) never load half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [compiler, "-O3", "-std=c99", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on the first call); False where that failed."""
+    global _kernel, _weights_kernel, _state
+    if _state == "unloaded":
+        with _lock:
+            if _state == "unloaded":
+                try:
+                    library = ctypes.CDLL(str(build()))
+                    kernel, weights_kernel = library.lime_route_modulate, library.lime_route_weights
+                    kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
+                    weights_kernel.argtypes, weights_kernel.restype = _WEIGHTS_ARGTYPES, ctypes.c_int
+                    _kernel, _weights_kernel, _state = kernel, weights_kernel, "ready"
+                except (OSError, subprocess.SubprocessError) as err:
+                    LOGGER.debug("peft_lime: native routing kernel unavailable, eager path used: %s", err)
+                    _state = "failed"
+    return _state == "ready"
+
+
+def reset() -> None:
+    """Forget the loaded kernel (and a failure): the next call builds / loads it again."""
+    global _kernel, _weights_kernel, _state
+    _kernel, _weights_kernel, _state = None, None, "unloaded"
+
+
+@lru_cache(maxsize=256)
+def _plan(s: Any) -> Optional[tuple]:
+    """The kernel's constants for routing settings ``s`` (a frozen, hashable LimeRoutingSettings), or None when the
+    kernel does not cover them."""
+    plain = s.routing_mode == "token" and s.routing_norm == "token" and s.n_gram == 1 and s.ngram_mode != "prefix"
+    E = s.num_experts
+    if not plain or E > MAX_EXPERTS:
+        return None
+    c_h, c_d = (1.0 - s.routing_gamma) / s.temperature, s.routing_gamma / s.temperature
+    auto = s.auto_topk
+    k = min(s.max_active_experts, E) if (auto and s.max_active_experts is not None) else (E if auto else s.top_k)
+    hard = s.selection == "hard"
+    return (E, c_h, c_d, ADAPTER_SCALE_FLOOR**2, _EPS, k, int(auto), s.auto_topk_threshold, int(hard),
+            1.0 / s.selection_temperature)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _plan_of_call(layer: Any, adapter: str, tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
+    """The kernel's constants for this call of ``layer``, or None where the kernel does not apply to it."""
+    if not _enabled or torch.is_grad_enabled() or layer.training or torch.compiler.is_compiling():
+        return None
+    plan = _plan(layer.lime_routing[adapter])
+    if plan is None or adapter in layer.lime_static_routing or layer._context.weights_capture is not None:
+        return None
+    if layer.lime_stats[adapter].enabled and layer._context.records_stats(False):
+        return None
+    for t in tensors:
+        if t.dtype != _FLOAT or t.device.type != "cpu" or not t.is_contiguous():
+            return None
+    if torch.jit.is_tracing() or not available():
+        return None
+    return plan
+
+
+def modulate(layer: Any, adapter: str, h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor) -> Optional[
+    torch.Tensor
+]:
+    """out + delta * modulation for one adapter of ``layer`` through the kernel, or None where it does not apply
+    (the caller then runs its eager path). h: the frozen output; delta: the adapter output; same shape as out."""
+    experts = layer.lime_experts[adapter]
+    weight, shared = experts.weight, experts.shared
+    tensors = (h, out, delta, weight) if shared is None else (h, out, delta, weight, shared, experts.gate)
+    if delta.shape != out.shape or h.shape != out.shape:
+        return None
+    plan = _plan_of_call(layer, adapter, tensors)
+    if plan is None:
+        return None
+    E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = plan
+    width = out.shape[-1]
+    y = torch.empty_like(out)
+    status = _kernel(
+        h.data_ptr(), delta.data_ptr(), out.data_ptr(), y.data_ptr(), weight.data_ptr(), _ptr(shared),
+        _ptr(experts.gate), out.numel() // width, width, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t, None,
+    )
+    return y if status == 0 else None
+
+
+def weights(layer: Any, adapter: str, h: torch.Tensor, delta_slice: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mixing weights (N, E) of one adapter of ``layer`` through the kernel, for large calls whose modulation is
+    one GEMM (low_rank_mix.py), or None where the kernel does not apply. h: the frozen output (..., d); delta_slice:
+    the adapter output's routed slice (..., E)."""
+    plan = _plan_of_call(layer, adapter, (h, delta_slice))
+    if plan is None or delta_slice.shape[-1] != plan[0] or h.numel() // h.shape[-1] != delta_slice.numel() // plan[0]:
+        return None
+    E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = plan
+    n_tokens = delta_slice.numel() // E
+    mix = torch.empty(n_tokens, E, dtype=_FLOAT)
+    status = _weights_kernel(h.data_ptr(), h.shape[-1], delta_slice.data_ptr(), E, n_tokens, E, c_h, c_d, floor2, eps,
+                             k, auto, threshold, hard, inv_t, mix.data_ptr())
+    return mix if status == 0 else None
