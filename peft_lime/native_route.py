@@ -45,6 +45,7 @@ ENV_VAR = "PEFT_LIME_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "lime_route.c"
 MAX_EXPERTS = 64  # LIME_MAX_EXPERTS in the C source: per-token scratch arrays live on the stack
 _FLOAT = torch.float32
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _P, _F, _L, _I = ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_int
 _ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
 _WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
@@ -111,7 +112,7 @@ def available() -> bool:
                     kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
                     weights_kernel.argtypes, weights_kernel.restype = _WEIGHTS_ARGTYPES, ctypes.c_int
                     _kernel, _weights_kernel, _state = kernel, weights_kernel, "ready"
-                except (OSError, subprocess.SubprocessError) as err:
+                except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home folder
                     LOGGER.debug("peft_lime: native routing kernel unavailable, eager path used: %s", err)
                     _state = "failed"
     return _state == "ready"
@@ -153,7 +154,8 @@ def _plan_of_call(layer: Any, adapter: str, tensors: tuple[torch.Tensor, ...]) -
     if layer.lime_stats[adapter].enabled and layer._context.records_stats(False):
         return None
     for t in tensors:
-        if t.dtype != _FLOAT or t.device.type != "cpu" or not t.is_contiguous():
+        # Plain tensors only: a subclass (DTensor shard, FakeTensor, ...) may not hold its values at data_ptr().
+        if type(t) not in _PLAIN or t.dtype != _FLOAT or t.device.type != "cpu" or not t.is_contiguous():
             return None
     if torch.jit.is_tracing() or not available():
         return None
