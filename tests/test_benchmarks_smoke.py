@@ -177,6 +177,9 @@ def test_efficiency_markdown_reports_targets_met_and_missed() -> None:
     assert "| compiled decode ms/token (static cache) <= 1.15x compiled LoRA | 1.200x | no |" in md
     assert "| train step >= 1.3x faster than MoLoRA-style E=8 top-2 (its time / LiME's) | 1.500x | yes |" in md
     assert "| train step >= 1.3x faster than MixLoRA (its time / LiME's) | 1.200x | no |" in md
+    assert "| issue 25: eager eval forward, stats off <= 1.05x LoRA | 1.050x | yes |" in md
+    assert "| issue 25: eager train step <= 1.10x LoRA | 1.200x | no |" in md
+    assert "| issue 25: compile time <= 2x compiled LoRA's | 9.000x | no |" in md
     assert "| LiME E=8 | 157 (1.57x) | 1.200 s (1.200x [1.20-1.20]) |" in md
     assert "Before: before (commit 1111111); after: after (commit 2222222)" in md
     assert "| decode (1 token) | 2 | 4 | 4 | 0.010 | 0.025 | 0.025 |" in md and "| aten::softmax | 1 | 0.005 |" in md
