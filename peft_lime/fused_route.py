@@ -24,6 +24,8 @@ Switch: off by default; ``PEFT_LIME_FUSED=1`` or ``set_fused(True)`` turns it on
 where this is off, where the compiler failed once in this process (logged at debug level), while the whole model is
 being compiled (the outer graph then sees plain ops), and for settings this function does not cover:
 ``routing_norm="batch"``, ``ngram_mode="block"``, ``balance_scope="global"`` and every ``routing_mode`` but "token".
+No-grad calls that the native kernel covers (native_route.py: eval mode, n_gram 1, float32 CPU) take the kernel
+before this region, so with both on the region compiles for training and the calls the kernel leaves.
 """
 
 from __future__ import annotations
