@@ -7,10 +7,9 @@ logits, softmax, Auto Top-K / top-k selection (soft or hard) and y = out + delta
 no-grad calls (evaluation batches, long prompts), whose modulation is one GEMM (low_rank_mix.py), take the kernel's
 weights-only entry: the ~20 routing ops on (N, E) tensors become one call.
 
-How it is built: with the system C compiler (``$CC``, else ``cc``), once per machine, into a cache folder
-(``$PEFT_LIME_CACHE``, else ``~/.cache/peft_lime``; the file name carries a hash of the source and the compiler, so
-an edit or another compiler builds anew). It is loaded with ctypes: no torch headers, a build takes well under a
-second. Where no compiler works, the layers keep their eager path (logged once at debug level).
+How it is built: with the system C compiler, once per machine, into a cache folder (native_build.py), together with
+the low-rank modulation of native_low_rank.py, and loaded with ctypes. Where no compiler works, the layers keep
+their eager path (logged once at debug level).
 
 When it runs (``modulate`` / ``weights`` return None otherwise, and the layer takes its eager path, which is also
 the reference the tests compare it with at 1e-5): grad mode off, the layer in eval mode, not inside torch.compile or
@@ -25,30 +24,28 @@ Switch: on by default; ``PEFT_LIME_NATIVE=0`` or ``set_native(False)`` turns it 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
 import subprocess
-import tempfile
 import threading
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .native_build import FLAG_SETS, build, cache_dir, compile_library, compiler_command  # noqa: F401
 from .routing import _EPS, ADAPTER_SCALE_FLOOR
 
 LOGGER = logging.getLogger(__name__)
 ENV_VAR = "PEFT_LIME_NATIVE"
-SOURCE = Path(__file__).with_name("csrc") / "lime_route.c"
 MAX_EXPERTS = 64  # LIME_MAX_EXPERTS in the C source: per-token scratch arrays live on the stack
 _FLOAT = torch.float32
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _P, _F, _L, _I = ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_int
 _ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
 _WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
+_LOW_RANK_ARGTYPES = [_P] * 6 + [_L] * 4 + [_F, _I]
+_LOW_RANK_BACKWARD_ARGTYPES = [_P] * 9 + [_L] * 4 + [_F, _I]
 
 
 def env_switch(value: Optional[str]) -> bool:
@@ -59,6 +56,8 @@ def env_switch(value: Optional[str]) -> bool:
 _enabled: bool = env_switch(os.environ.get(ENV_VAR))
 _kernel: Any = None
 _weights_kernel: Any = None
+low_rank_kernels: Any = None  # (lime_low_rank_modulate, lime_low_rank_backward) once loaded: native_low_rank.py
+library: Optional[ctypes.CDLL] = None  # the loaded library (its file: library._name)
 _state = "unloaded"  # "unloaded" -> "ready" | "failed"
 _lock = threading.Lock()
 
@@ -69,59 +68,43 @@ def set_native(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def cache_dir() -> Path:
-    """Where the built library is kept."""
-    configured = os.environ.get("PEFT_LIME_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "peft_lime"
-
-
-def _library_path(source: bytes, compiler: str) -> Path:
-    tag = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode()])).hexdigest()[:16]
-    return cache_dir() / f"lime_route-{tag}.so"
-
-
-def build(compiler: Optional[str] = None) -> Path:
-    """Compile the kernel (if not already in the cache) and return the library's path; raises when it cannot."""
-    compiler = compiler or os.environ.get("CC") or "cc"
-    path = _library_path(SOURCE.read_bytes(), compiler)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: processes building at once (torchrun ranks) never load half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so")
-    os.close(fd)
-    try:
-        cmd = [compiler, "-O3", "-std=c99", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def available() -> bool:
-    """Whether the kernel is built and loaded (building it on the first call); False where that failed."""
-    global _kernel, _weights_kernel, _state
+    """Whether the native library is built and loaded (building it on the first call); False where that failed."""
+    global _kernel, _weights_kernel, low_rank_kernels, library, _state
     if _state == "unloaded":
         with _lock:
             if _state == "unloaded":
                 try:
-                    library = ctypes.CDLL(str(build()))
-                    kernel, weights_kernel = library.lime_route_modulate, library.lime_route_weights
+                    loaded = _load()
+                    kernel, weights_kernel = loaded.lime_route_modulate, loaded.lime_route_weights
                     kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
                     weights_kernel.argtypes, weights_kernel.restype = _WEIGHTS_ARGTYPES, ctypes.c_int
-                    _kernel, _weights_kernel, _state = kernel, weights_kernel, "ready"
+                    low_rank = loaded.lime_low_rank_modulate, loaded.lime_low_rank_backward
+                    for entry, argtypes in zip(low_rank, (_LOW_RANK_ARGTYPES, _LOW_RANK_BACKWARD_ARGTYPES)):
+                        entry.argtypes, entry.restype = argtypes, ctypes.c_int
+                    _kernel, _weights_kernel, low_rank_kernels, library = kernel, weights_kernel, low_rank, loaded
+                    _state = "ready"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home folder
                     LOGGER.debug("peft_lime: native routing kernel unavailable, eager path used: %s", err)
                     _state = "failed"
     return _state == "ready"
 
 
+def _load() -> ctypes.CDLL:
+    """The first library of FLAG_SETS that builds and loads (an OpenMP build may not load beside another runtime)."""
+    compiler, error = compiler_command(), None
+    for flags in FLAG_SETS:
+        try:
+            return ctypes.CDLL(str(compile_library(compiler, flags)))
+        except (OSError, subprocess.SubprocessError) as err:
+            error = err
+    raise OSError(f"no build of the native library loads: {error}")
+
+
 def reset() -> None:
     """Forget the loaded kernel (and a failure): the next call builds / loads it again."""
-    global _kernel, _weights_kernel, _state
-    _kernel, _weights_kernel, _state = None, None, "unloaded"
+    global _kernel, _weights_kernel, low_rank_kernels, library, _state
+    _kernel, _weights_kernel, low_rank_kernels, library, _state = None, None, None, None, "unloaded"
 
 
 @lru_cache(maxsize=256)
