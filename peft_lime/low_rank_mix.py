@@ -13,6 +13,10 @@ compute-bound and cheap, so this costs about what plain LoRA's up-projection + a
 longer fits in cache (see ``use_low_rank_mix``). Its backward is two GEMMs (g @ M.T, z.T @ g) and small (N, r E) /
 (r E, d) reductions; only a, mix, B and the experts W + offset are kept for it (z and M are rebuilt: r E x d per
 layer would otherwise stay alive for every layer until backward).
+
+On float32 CPU tensors in eager mode, forward and backward go to native loops instead (native_low_rank.py): the
+same function with r + E instead of r E multiply-adds per output value; these torch ops remain the reference (tests
+compare the two at 1e-5) and the path for every other device, dtype, and torch.compile.
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ from .config import LimeConfig
 from .config_checks import revalidate_config
 from .context import RoutingContext, track_model_calls
 from .decode_state import ASSISTED_DECODING_ERROR, CANDIDATE_DECODING_KWARGS
-from .layer import ADAPTER_NAMES_ERROR, MERGE_ERROR, LimeLayer, check_wrappable
+from .layer import LimeLayer
 from .load_checks import check_checkpoint
 from .peft_type import LIME_PREFIX
 from .windowing import pools_over_sequence
+from .wrappable import ADAPTER_NAMES_ERROR, MERGE_ERROR, check_wrappable
 
 
 def _base_tuner_cls(config: LimeConfig) -> type[BaseTuner]:

@@ -16,7 +16,8 @@ the reference the tests compare it with at 1e-5): grad mode off, the layer in ev
 a trace; float32 contiguous CPU tensors; ``routing_mode="token"``, ``routing_norm="token"``, no window (n_gram 1,
 not prefix); no routing statistics being recorded, no weights capture, no static routing; E <= 64. Hard top-k
 selection with a tie at the cut falls back too (which tied expert torch.topk keeps is not specified). Training keeps
-the torch ops: autograd needs them (the region of fused_route.py is the opt-in for that).
+the torch ops for the routing (autograd needs them; the region of fused_route.py is the opt-in for that); its
+low-rank modulation, forward and backward, is native too (native_low_rank.py).
 
 Switch: on by default; ``PEFT_LIME_NATIVE=0`` or ``set_native(False)`` turns it off.
 """
