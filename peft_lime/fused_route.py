@@ -24,8 +24,7 @@ Switch: off by default; ``PEFT_LIME_FUSED=1`` or ``set_fused(True)`` turns it on
 where this is off, where the compiler failed once in this process (logged at debug level), while the whole model is
 being compiled (the outer graph then sees plain ops), and for settings this function does not cover:
 ``routing_norm="batch"``, ``ngram_mode="block"``, ``balance_scope="global"`` and every ``routing_mode`` but "token".
-No-grad calls that the native kernel covers (native_route.py: eval mode, n_gram 1, float32 CPU) take the kernel
-before this region, so with both on the region compiles for training and the calls the kernel leaves.
+No-grad calls that the native kernel covers (native_route.py) take it before this region.
 """
 
 from __future__ import annotations
@@ -52,9 +51,8 @@ BACKEND = "inductor"
 
 
 def env_switch(value: Optional[str]) -> bool:
-    """Whether a ``PEFT_LIME_FUSED`` value turns the fused region on (1 / true / on / yes: on; unset or anything else:
-    off). Off by default: on a 2-core CPU it is slower end to end than the eager path (benchmarks/results/
-    efficiency_fused.md), which is also the reference it is tested against."""
+    """Whether a ``PEFT_LIME_FUSED`` value turns the fused region on (1 / true / on / yes; else off). Off by default:
+    within noise of the eager path on a 2-core CPU (benchmarks/results/efficiency_fused.md)."""
     return value is not None and value.strip().lower() in ("1", "true", "on", "yes")
 
 
