@@ -211,14 +211,8 @@ def _params(s: Any, n_layers: int, device: torch.device) -> torch.Tensor:
 def _compiled_math() -> Callable[..., Any]:
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(
-            _route_math,
-            backend=BACKEND,
-            dynamic=True,
-            fullgraph=True,
-            recompile_limit=RECOMPILE_LIMIT,
-            isolate_recompiles=True,
-        )
+        _compiled = torch.compile(_route_math, backend=BACKEND, dynamic=True, fullgraph=True,
+                                  recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)
     return _compiled
 
 
