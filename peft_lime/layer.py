@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 
-from . import fused_route, native_route, routing
+from . import fused_route, native_route, native_train_route, routing
 from .aux_grad import inject_aux_loss
 from .balance import balance_due, global_balance_terms
 from .context import RoutingContext
@@ -211,6 +211,39 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             return weights, None
         if fused_route.supports(s):  # the math below as one compiled region (fused_route.py)
             return fused_route.route(self, adapter, h_slice, delta_slice, layout, record, first_pass)
+        native = native_train_route.route(s, h_slice, delta_slice, self.training)
+        if native is not None:  # the default routing as one native call, forward and backward (native_train_route.py)
+            selected = native_train_route.selected(native[0], s) if record else None
+            probs, selection = native[0], routing.Selection(weights=native[1], selected=selected)
+        else:
+            probs, selection = self._routing_ops(adapter, s, h, h_slice, delta_slice, layout, record)
+        valid = None
+        if (self.training or record) and layout is not None and layout.valid is not None:
+            valid = layout.valid.reshape(-1)
+        aux = None
+        if self.training and balance_due(self, adapter, s.balance_interval, first_pass):
+            if s.balance_scope == "global" and (s.importance_loss_coef or s.kl_loss_coef):
+                # Statistics of the accumulation window over all data-parallel ranks (balance.py; eager only).
+                importance, kl = global_balance_terms(self, adapter, probs, valid)
+            else:
+                importance, kl, _ = routing.balance_terms(probs, valid)
+            n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
+            aux = (s.importance_loss_coef * importance + s.kl_loss_coef * kl) / n_layers
+            if first_pass:
+                stats.record_aux(aux)
+            if not (torch.is_grad_enabled() and (s.importance_loss_coef or s.kl_loss_coef)):
+                aux = None
+        if record:
+            stats.record(probs, selection.selected, valid, token_tasks=self._token_tasks(layout, probs.shape[0]))
+        return selection.weights, aux
+
+    def _routing_ops(
+        self, adapter: str, s: LimeRoutingSettings, h: torch.Tensor, h_slice: torch.Tensor, delta_slice: torch.Tensor,
+        layout: Optional[TokenLayout], record: bool,
+    ) -> tuple[torch.Tensor, routing.Selection]:
+        """Probs and selection of one call with routing.py's torch ops (every setting; the reference of the native
+        and fused paths)."""
+        E = s.num_experts
         centroid_prefix = s.routing_mode == "centroid" and s.ngram_mode == "prefix"
         if s.routing_mode == "centroid":  # cosine to calibrated centroids of the whole frozen output (centroids.py)
             experts = self.lime_experts[adapter]
@@ -246,25 +279,7 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             need_selected=record,
             logits=logits,
         )
-        valid = None
-        if (self.training or record) and layout is not None and layout.valid is not None:
-            valid = layout.valid.reshape(-1)
-        aux = None
-        if self.training and balance_due(self, adapter, s.balance_interval, first_pass):
-            if s.balance_scope == "global" and (s.importance_loss_coef or s.kl_loss_coef):
-                # Statistics of the accumulation window over all data-parallel ranks (balance.py; eager only).
-                importance, kl = global_balance_terms(self, adapter, probs, valid)
-            else:
-                importance, kl, _ = routing.balance_terms(probs, valid)
-            n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
-            aux = (s.importance_loss_coef * importance + s.kl_loss_coef * kl) / n_layers
-            if first_pass:
-                stats.record_aux(aux)
-            if not (torch.is_grad_enabled() and (s.importance_loss_coef or s.kl_loss_coef)):
-                aux = None
-        if record:
-            stats.record(probs, selection.selected, valid, token_tasks=self._token_tasks(layout, probs.shape[0]))
-        return selection.weights, aux
+        return probs, selection
 
     def _token_tasks(self, layout: Optional[TokenLayout], n_tokens: int) -> Optional[torch.Tensor]:
         task_ids = self._context.task_ids

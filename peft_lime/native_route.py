@@ -47,6 +47,8 @@ _ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F,
 _WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
 _LOW_RANK_ARGTYPES = [_P] * 6 + [_L] * 4 + [_F, _I]
 _LOW_RANK_BACKWARD_ARGTYPES = [_P] * 9 + [_L] * 4 + [_F, _I]
+_TRAIN_ARGTYPES = [_P, _L, _P, _L, _P, _L, _L, _F, _F, _F, _F, _F, _F, _P, _P, _P]
+_TRAIN_BACKWARD_ARGTYPES = [_P] * 6 + [_L, _L, _F, _F, _P, _P]
 
 
 def env_switch(value: Optional[str]) -> bool:
@@ -58,6 +60,7 @@ _enabled: bool = env_switch(os.environ.get(ENV_VAR))
 _kernel: Any = None
 _weights_kernel: Any = None
 low_rank_kernels: Any = None  # (lime_low_rank_modulate, lime_low_rank_backward) once loaded: native_low_rank.py
+train_kernels: Any = None  # (lime_route_train_forward, lime_route_train_backward): native_train_route.py
 library: Optional[ctypes.CDLL] = None  # the loaded library (its file: library._name)
 _state = "unloaded"  # "unloaded" -> "ready" | "failed"
 _lock = threading.Lock()
@@ -71,7 +74,7 @@ def set_native(enabled: bool) -> None:
 
 def available() -> bool:
     """Whether the native library is built and loaded (building it on the first call); False where that failed."""
-    global _kernel, _weights_kernel, low_rank_kernels, library, _state
+    global _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state
     if _state == "unloaded":
         with _lock:
             if _state == "unloaded":
@@ -81,9 +84,12 @@ def available() -> bool:
                     kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
                     weights_kernel.argtypes, weights_kernel.restype = _WEIGHTS_ARGTYPES, ctypes.c_int
                     low_rank = loaded.lime_low_rank_modulate, loaded.lime_low_rank_backward
-                    for entry, argtypes in zip(low_rank, (_LOW_RANK_ARGTYPES, _LOW_RANK_BACKWARD_ARGTYPES)):
-                        entry.argtypes, entry.restype = argtypes, ctypes.c_int
+                    train = loaded.lime_route_train_forward, loaded.lime_route_train_backward
+                    argtypes = (_LOW_RANK_ARGTYPES, _LOW_RANK_BACKWARD_ARGTYPES, _TRAIN_ARGTYPES, _TRAIN_BACKWARD_ARGTYPES)
+                    for entry, types in zip(low_rank + train, argtypes):
+                        entry.argtypes, entry.restype = types, ctypes.c_int
                     _kernel, _weights_kernel, low_rank_kernels, library = kernel, weights_kernel, low_rank, loaded
+                    train_kernels = train
                     _state = "ready"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home folder
                     LOGGER.debug("peft_lime: native routing kernel unavailable, eager path used: %s", err)
@@ -104,8 +110,8 @@ def _load() -> ctypes.CDLL:
 
 def reset() -> None:
     """Forget the loaded kernel (and a failure): the next call builds / loads it again."""
-    global _kernel, _weights_kernel, low_rank_kernels, library, _state
-    _kernel, _weights_kernel, low_rank_kernels, library, _state = None, None, None, None, "unloaded"
+    global _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state
+    _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state = None, None, None, None, None, "unloaded"
 
 
 @lru_cache(maxsize=256)

@@ -139,3 +139,75 @@ int lime_route_modulate(const float *h, const float *delta, const float *out, fl
     }
     return 0;
 }
+
+/* Training (autograd) entries for the default selection only: soft Auto Top-K without a cap, so x = p - threshold *
+ * max p. The forward writes probs, weights and each token's two logit scales (inv_h, inv_d), which the scales are:
+ * computed without gradient, as routing._token_logits does; jitter multiplies the logits by noise (drawn by torch).
+ * The backward maps the gradients of weights and probs (g_p may be NULL) to those of the two routed slices, as
+ * autograd would through routing.py's ops (amax shares its gradient evenly between tied maxima, softplus is linear
+ * past its threshold of 20). */
+int lime_route_train_forward(const float *h, long h_stride, const float *d, long d_stride, const float *noise,
+                             long n_tokens, long E, float c_h, float c_d, float floor2, float eps, float threshold,
+                             float inv_t, float *probs, float *weights, float *scales) {
+    float logits[LIME_MAX_EXPERTS], gated[LIME_MAX_EXPERTS];
+    for (long n = 0; n < n_tokens; ++n) {
+        const float *hn = h + n * h_stride, *dn = d + n * d_stride;
+        float *p = probs + n * E, *w = weights + n * E;
+        float s_h = 0.0f, s_d = 0.0f;
+        for (long e = 0; e < E; ++e) {
+            s_h += hn[e] * hn[e];
+            s_d += dn[e] * dn[e];
+        }
+        const float m_h = s_h / (float)E + eps;
+        const float inv_h = c_h / sqrtf(m_h), inv_d = c_d / sqrtf(s_d / (float)E + floor2 * m_h);
+        scales[2 * n] = inv_h;
+        scales[2 * n + 1] = inv_d;
+        for (long e = 0; e < E; ++e) {
+            logits[e] = inv_h * hn[e] + inv_d * dn[e];
+            if (noise) logits[e] *= noise[n * E + e];
+        }
+        softmax(logits, p, E);
+        float top = p[0];
+        for (long e = 1; e < E; ++e) top = p[e] > top ? p[e] : top;
+        for (long e = 0; e < E; ++e) {
+            const float x = p[e] - threshold * top, z = -x * inv_t;
+            gated[e] = logits[e] + inv_t * (z > 20.0f ? x : log1pf(expf(z)) / (-inv_t));
+        }
+        softmax(gated, w, E);
+    }
+    return 0;
+}
+
+int lime_route_train_backward(const float *scales, const float *noise, const float *probs, const float *weights,
+                              const float *grad_w, const float *grad_p, long n_tokens, long E, float threshold,
+                              float inv_t, float *grad_h, float *grad_d) {
+    float g_x[LIME_MAX_EXPERTS], g_gated[LIME_MAX_EXPERTS], g_p[LIME_MAX_EXPERTS];
+    for (long n = 0; n < n_tokens; ++n) {
+        const float *p = probs + n * E, *w = weights + n * E, *gw = grad_w + n * E;
+        float dot_w = 0.0f, top = p[0];
+        for (long e = 0; e < E; ++e) dot_w += w[e] * gw[e];
+        for (long e = 1; e < E; ++e) top = p[e] > top ? p[e] : top;
+        float g_top = 0.0f;
+        long ties = 0;
+        for (long e = 0; e < E; ++e) {
+            g_gated[e] = w[e] * (gw[e] - dot_w);  /* softmax backward */
+            const float x = p[e] - threshold * top, z = -x * inv_t;
+            const float slope = z > 20.0f ? 1.0f : expf(z) / (expf(z) + 1.0f);  /* softplus backward */
+            g_x[e] = g_gated[e] * inv_t * slope;
+            g_top -= threshold * g_x[e];
+            ties += p[e] == top;
+        }
+        float dot_p = 0.0f;
+        for (long e = 0; e < E; ++e) {
+            g_p[e] = (grad_p ? grad_p[n * E + e] : 0.0f) + g_x[e] + (p[e] == top ? g_top / (float)ties : 0.0f);
+            dot_p += p[e] * g_p[e];
+        }
+        for (long e = 0; e < E; ++e) {
+            float g_logit = g_gated[e] + p[e] * (g_p[e] - dot_p);
+            if (noise) g_logit *= noise[n * E + e];
+            grad_h[n * E + e] = scales[2 * n] * g_logit;
+            grad_d[n * E + e] = scales[2 * n + 1] * g_logit;
+        }
+    }
+    return 0;
+}
