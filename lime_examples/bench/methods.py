@@ -104,9 +104,10 @@ def fused_method() -> Method:
 
 
 def eager_method() -> Method:
-    """LiME E=8 with the native decoding kernel off: every routing op dispatched by torch, as before the kernel
-    (``efficiency.py --fused`` only; not in all_methods)."""
-    return lime_method(LIME_E8_EAGER, 8, "LiME E=8 with PEFT_LIME_NATIVE=0 (routing as torch ops)", native=False)
+    """LiME E=8 with the native library off (decoding kernel, low-rank modulation, training routing): every op
+    dispatched by torch, as before the library (``efficiency.py --fused`` only; not in all_methods)."""
+    return lime_method(LIME_E8_EAGER, 8, "LiME E=8 with PEFT_LIME_NATIVE=0 (routing and modulation as torch ops)",
+                       native=False)
 
 
 def all_methods(include_package: bool) -> list[Method]:
