@@ -10,7 +10,7 @@ from grad_y in one pass, where torch needs two r E GEMMs plus reductions.
 It runs where it is exact and safe, otherwise the callers keep their torch ops (which tests compare it with, 1e-5):
 the native library loaded (native_route.available), its switch on (``PEFT_LIME_NATIVE`` / ``set_native``, shared
 with the decoding kernel), float32 contiguous plain CPU tensors (no DTensor or other subclass), r and E <= 64, not
-inside torch.compile, torch.export or a jit trace. Tokens are split over torch's intra-op thread count.
+inside torch.compile, torch.export or a jit trace, no torch.distributed process group (in_distributed_run). Tokens are split over torch's intra-op thread count.
 """
 
 from __future__ import annotations
@@ -25,8 +25,16 @@ MAX_FACTORS = 64  # MAX_FACTORS in csrc/lime_low_rank.c: per-token partial sums 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def in_distributed_run() -> bool:
+    """Whether a torch.distributed process group is up. The training-time native paths stand aside then: under FSDP2
+    the saved parameters are storages FSDP frees and refills between forward and backward, and 2 of about 40 FSDP2
+    test runs with these paths on aborted a rank ("terminate called without an active exception"; 0 of about 40
+    without them; cause not found), so distributed runs keep the torch ops until it is."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _usable(*tensors: torch.Tensor) -> bool:
-    if not native_route._enabled or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not native_route._enabled or torch.compiler.is_compiling() or torch.jit.is_tracing() or in_distributed_run():
         return False
     for t in tensors:
         # Plain tensors only: a subclass (DTensor shard, FakeTensor, ...) may not hold its values at data_ptr().

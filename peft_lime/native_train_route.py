@@ -9,7 +9,8 @@ weights and probs (the balance terms read probs) to those of the two routed slic
 
 Covered: the default selection only (soft Auto Top-K without ``max_active_experts``), ``routing_mode="token"``,
 ``routing_norm="token"``, n_gram 1 (no window), float32 contiguous plain CPU tensors
-(the routed slices may be strided rows), E <= 64, eager (not compiling or tracing). Everything else keeps routing.py's
+(the routed slices may be strided rows), E <= 64, eager (not compiling or tracing), no torch.distributed process
+group. Everything else keeps routing.py's
 torch ops, which are the reference the tests compare this with (probs, weights, every gradient and the loss at 1e-5,
 jitter included: the noise is drawn by the same torch call on the same number of values, so the RNG stream does not
 change). The switch is the native library's (``PEFT_LIME_NATIVE`` / ``native_route.set_native``).
@@ -22,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from . import native_route
+from .native_low_rank import in_distributed_run
 from .routing import _EPS, ADAPTER_SCALE_FLOOR
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -90,6 +92,8 @@ def route(
     """(probs, weights), both (N, E), of the default routing through the native entries, or None where they do not
     apply (the caller runs routing.py's ops). ``training``: the layer's mode (jitter is drawn then)."""
     if not native_route._enabled or not covers(s) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    if in_distributed_run():  # see native_low_rank.in_distributed_run
         return None
     E = s.num_experts
     h_rows, d_rows = _rows(h_slice, E), _rows(delta_slice, E)

@@ -93,7 +93,8 @@ def test_non_contiguous_small_operands_are_packed() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["switch off", "bfloat16", "strided out", "rank over 64", "experts over 64", "compiling", "a subclass"],
+    ["switch off", "bfloat16", "strided out", "rank over 64", "experts over 64", "compiling", "a subclass",
+     "distributed"],
 )
 def test_where_the_native_call_must_not_run(case, monkeypatch) -> None:
     N, r, E, d = 8, 4, 3, 16
@@ -110,6 +111,8 @@ def test_where_the_native_call_must_not_run(case, monkeypatch) -> None:
         out = torch.randn(d, N).t()
     if case == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    if case == "distributed":
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     if case == "a subclass":
 
         class Sub(torch.Tensor):

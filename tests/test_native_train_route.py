@@ -114,6 +114,9 @@ def test_where_the_call_must_not_run(monkeypatch) -> None:
     native_route.set_native(False)
     assert native_train_route.route(s, h, h, training=True) is None
     native_route.set_native(True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert native_train_route.route(s, h, h, training=True) is None
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert native_train_route.route(s, h, h, training=True) is None
 
