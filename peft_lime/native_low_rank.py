@@ -22,7 +22,6 @@ import torch
 from . import native_route
 
 MAX_FACTORS = 64  # MAX_FACTORS in csrc/lime_low_rank.c: per-token partial sums live on the stack
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def in_distributed_run() -> bool:
@@ -36,10 +35,8 @@ def in_distributed_run() -> bool:
 def _usable(*tensors: torch.Tensor) -> bool:
     if not native_route._enabled or torch.compiler.is_compiling() or torch.jit.is_tracing() or in_distributed_run():
         return False
-    for t in tensors:
-        # Plain tensors only: a subclass (DTensor shard, FakeTensor, ...) may not hold its values at data_ptr().
-        if type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            return False
+    if not all(native_route.plain_float_cpu(t) and t.is_contiguous() for t in tensors):
+        return False
     return native_route.available()
 
 

@@ -134,6 +134,12 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def plain_float_cpu(t: torch.Tensor) -> bool:
+    """Whether the native library may read ``t`` by pointer: a float32 CPU tensor of a plain class (a subclass such
+    as a DTensor shard or a FakeTensor may not hold its values at data_ptr())."""
+    return type(t) in _PLAIN and t.dtype == _FLOAT and t.device.type == "cpu"
+
+
 def _plan_of_call(layer: Any, adapter: str, tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
     """The kernel's constants for this call of ``layer``, or None where the kernel does not apply to it."""
     if not _enabled or torch.is_grad_enabled() or layer.training or torch.compiler.is_compiling():
@@ -143,10 +149,8 @@ def _plan_of_call(layer: Any, adapter: str, tensors: tuple[torch.Tensor, ...]) -
         return None
     if layer.lime_stats[adapter].enabled and layer._context.records_stats(False):
         return None
-    for t in tensors:
-        # Plain tensors only: a subclass (DTensor shard, FakeTensor, ...) may not hold its values at data_ptr().
-        if type(t) not in _PLAIN or t.dtype != _FLOAT or t.device.type != "cpu" or not t.is_contiguous():
-            return None
+    if not all(plain_float_cpu(t) and t.is_contiguous() for t in tensors):
+        return None
     if torch.jit.is_tracing() or not available():
         return None
     return plan

@@ -18,6 +18,7 @@ change). The switch is the native library's (``PEFT_LIME_NATIVE`` / ``native_rou
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -26,9 +27,8 @@ from . import native_route
 from .native_low_rank import in_distributed_run
 from .routing import _EPS, ADAPTER_SCALE_FLOOR
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-
+@lru_cache(maxsize=256)
 def covers(s: Any) -> bool:
     """Whether routing settings ``s`` are the ones the training entries compute."""
     return (
@@ -40,7 +40,7 @@ def covers(s: Any) -> bool:
 
 def _rows(t: torch.Tensor, E: int) -> Optional[torch.Tensor]:
     """``t`` as (N, E) rows of unit column stride (a view where its layout allows), or None when it cannot be."""
-    if type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu":
+    if not native_route.plain_float_cpu(t):
         return None
     rows = t.reshape(-1, E)
     return rows if rows.stride(-1) == 1 else None

@@ -44,21 +44,29 @@ static void forward_scalar(const job_t *j, long t, long c0) {
     }
 }
 
+/* Columns [c, c + LANES) of both factors for the tile's tokens t .. t + TILE_TOKENS - 1: row = a @ BT, mod = mix @ P.
+ * One vector load of each weight row serves every token of the tile. */
+static inline void tile_factors(const job_t *j, long t, long c, vec *row, vec *mod) {
+    const long r = j->r, E = j->E, d = j->d;
+    vec w;
+    for (int u = 0; u < TILE_TOKENS; ++u) row[u] = mod[u] = (vec){0};
+    for (long k = 0; k < r; ++k) {
+        VLOAD(w, j->BT + k * d + c);
+        for (int u = 0; u < TILE_TOKENS; ++u) row[u] += j->a[(t + u) * r + k] * w;
+    }
+    for (long e = 0; e < E; ++e) {
+        VLOAD(w, j->P + e * d + c);
+        for (int u = 0; u < TILE_TOKENS; ++u) mod[u] += j->mix[(t + u) * E + e] * w;
+    }
+}
+
 static void forward_rows(const job_t *j) {
-    const long r = j->r, E = j->E, d = j->d, full = d / LANES * LANES;
+    const long d = j->d, full = d / LANES * LANES;
     long t = j->t0;
     for (; t + TILE_TOKENS <= j->t1; t += TILE_TOKENS) {
         for (long c = 0; c < full; c += LANES) {
-            vec row[TILE_TOKENS], mod[TILE_TOKENS], w, o;
-            for (int u = 0; u < TILE_TOKENS; ++u) row[u] = mod[u] = (vec){0};
-            for (long k = 0; k < r; ++k) {
-                VLOAD(w, j->BT + k * d + c);
-                for (int u = 0; u < TILE_TOKENS; ++u) row[u] += j->a[(t + u) * r + k] * w;
-            }
-            for (long e = 0; e < E; ++e) {
-                VLOAD(w, j->P + e * d + c);
-                for (int u = 0; u < TILE_TOKENS; ++u) mod[u] += j->mix[(t + u) * E + e] * w;
-            }
+            vec row[TILE_TOKENS], mod[TILE_TOKENS], o;
+            tile_factors(j, t, c, row, mod);
             for (int u = 0; u < TILE_TOKENS; ++u) {
                 VLOAD(o, j->out + (t + u) * d + c);
                 o += j->s * row[u] * mod[u];
@@ -120,15 +128,7 @@ static void backward_rows(const job_t *j) {
         }
         for (long c = 0; c < full; c += LANES) {
             vec row[TILE_TOKENS], mod[TILE_TOKENS], w, g;
-            for (int u = 0; u < TILE_TOKENS; ++u) row[u] = mod[u] = (vec){0};
-            for (long k = 0; k < r; ++k) {
-                VLOAD(w, j->BT + k * d + c);
-                for (int u = 0; u < TILE_TOKENS; ++u) row[u] += j->a[(t + u) * r + k] * w;
-            }
-            for (long e = 0; e < E; ++e) {
-                VLOAD(w, j->P + e * d + c);
-                for (int u = 0; u < TILE_TOKENS; ++u) mod[u] += j->mix[(t + u) * E + e] * w;
-            }
+            tile_factors(j, t, c, row, mod);
             for (int u = 0; u < TILE_TOKENS; ++u) {
                 VLOAD(g, j->grad + (t + u) * d + c);
                 g *= s;
