@@ -5,7 +5,10 @@
 ``KeyError: 'LIME'``.
 """
 
-from . import tuner_deltas  # noqa: F401  (registers the extractors of PEFT's own tuners)
+from . import (
+    native_ops,  # noqa: F401  (registers the native kernels as custom ops, for compiled models)
+    tuner_deltas,  # noqa: F401  (registers the extractors of PEFT's own tuners)
+)
 from .aux_loss import get_aux_loss, set_aux_loss_scale
 from .balance import reset_balance_window
 from .centroids import fit_routing_centroids

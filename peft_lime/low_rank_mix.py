@@ -16,14 +16,17 @@ layer would otherwise stay alive for every layer until backward).
 
 On float32 CPU tensors in eager mode, forward and backward go to native loops instead (native_low_rank.py): the
 same function with r + E instead of r E multiply-adds per output value; these torch ops remain the reference (tests
-compare the two at 1e-5) and the path for every other device, dtype, and torch.compile.
+compare the two at 1e-5) and the path for every other device and dtype. A torch.compile'd model calls the same
+kernels as custom ops (native_ops.py).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import native_low_rank
+from . import native_low_rank, native_route
 
 # Below this many output elements (N x d) the (N, d) element-wise passes stay in cache and the plain modulation
 # (modulation.py) is cheaper than building M (r E x d) for a GEMM: decoding and short calls take that path.
@@ -82,29 +85,35 @@ class _LowRankMix(torch.autograd.Function):
     def backward(ctx, grad_y):
         a, mix, B, experts = ctx.saved_tensors
         need = ctx.needs_input_grad
-        s = ctx.scaling
-        (N, r), E, d = a.shape, mix.shape[1], B.shape[0]
-        g = grad_y.reshape(-1, d)
+        g = grad_y.reshape(-1, B.shape[0])
         if g.dtype != a.dtype:
             g = g.to(a.dtype)
-        if (native := native_low_rank.backward(g, a, mix, B, experts, s)) is not None:
-            grad_a, grad_mix, grad_B, grad_experts = native
-            return (grad_y if need[0] else None, grad_a if need[1] else None, grad_mix if need[2] else None,
-                    grad_B if need[3] else None, grad_experts if need[4] else None,
-                    grad_experts.sum(0) if need[5] else None, None, None)
-        grad_a = grad_mix = grad_B = grad_weight = grad_offset = None
-        if need[1] or need[2]:
-            gz = torch.mm(g, _mix_matrix(B, experts).t()).mul_(s).view(N, r, E)
-            grad_a = torch.bmm(gz, mix.unsqueeze(-1)).view(N, r) if need[1] else None
-            grad_mix = torch.bmm(a.unsqueeze(1), gz).view(N, E) if need[2] else None
-        if need[3] or need[4] or need[5]:
-            gm = torch.mm(_outer(a, mix).t(), g).mul_(s).view(r, E, d)  # gradient of M, (r, E, d)
-            grad_B = (gm * experts.unsqueeze(0)).sum(1).t() if need[3] else None
-            if need[4] or need[5]:
-                grad_experts = (gm * B.t().unsqueeze(1)).sum(0)
-                grad_weight = grad_experts if need[4] else None
-                grad_offset = grad_experts.sum(0) if need[5] else None
-        return grad_y if need[0] else None, grad_a, grad_mix, grad_B, grad_weight, grad_offset, None, None
+        grads = native_low_rank.backward(g, a, mix, B, experts, ctx.scaling)
+        if grads is None:
+            grads = _torch_backward(g, a, mix, B, experts, ctx.scaling, need=(need[1], need[2], need[3], need[4] or need[5]))
+        grad_a, grad_mix, grad_B, grad_experts = grads
+        return (grad_y if need[0] else None, grad_a if need[1] else None, grad_mix if need[2] else None,
+                grad_B if need[3] else None, grad_experts if need[4] else None,
+                grad_experts.sum(0) if need[5] else None, None, None)
+
+
+def _torch_backward(
+    g: torch.Tensor, a: torch.Tensor, mix: torch.Tensor, B: torch.Tensor, experts: torch.Tensor, s: float,
+    need: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> tuple[Optional[torch.Tensor], ...]:
+    """The gradients of a, mix, B and experts (None where ``need`` says not) for g = grad of y as (N, d), with
+    torch ops: the reference of the native backward."""
+    (N, r), E, d = a.shape, mix.shape[1], B.shape[0]
+    grad_a = grad_mix = grad_B = grad_experts = None
+    if need[0] or need[1]:
+        gz = torch.mm(g, _mix_matrix(B, experts).t()).mul_(s).view(N, r, E)
+        grad_a = torch.bmm(gz, mix.unsqueeze(-1)).view(N, r) if need[0] else None
+        grad_mix = torch.bmm(a.unsqueeze(1), gz).view(N, E) if need[1] else None
+    if need[2] or need[3]:
+        gm = torch.mm(_outer(a, mix).t(), g).mul_(s).view(r, E, d)  # gradient of M, (r, E, d)
+        grad_B = (gm * experts.unsqueeze(0)).sum(1).t() if need[2] else None
+        grad_experts = (gm * B.t().unsqueeze(1)).sum(0) if need[3] else None
+    return grad_a, grad_mix, grad_B, grad_experts
 
 
 def low_rank_mix(
@@ -128,6 +137,8 @@ def low_rank_mix(
     """
     # In place only in eager mode, on a contiguous out that nothing else reads afterwards (the caller knows).
     inplace = inplace and out.is_contiguous() and not torch.compiler.is_compiling()
+    if native_route.traced_native(out, a, mix, B, weight):  # a compiled model: the kernel as a custom op (native_ops.py)
+        return torch.ops.peft_lime.low_rank_mix(out, a, mix, B, weight + offset, scaling)
     if torch.is_grad_enabled():
         return _LowRankMix.apply(out, a, mix, B, weight, offset, scaling, inplace)
     return _forward(out, a, mix, B, weight + offset, scaling, inplace)

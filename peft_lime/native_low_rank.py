@@ -10,7 +10,8 @@ from grad_y in one pass, where torch needs two r E GEMMs plus reductions.
 It runs where it is exact and safe, otherwise the callers keep their torch ops (which tests compare it with, 1e-5):
 the native library loaded (native_route.available), its switch on (``PEFT_LIME_NATIVE`` / ``set_native``, shared
 with the decoding kernel), float32 contiguous plain CPU tensors (no DTensor or other subclass), r and E <= 64, not
-inside torch.compile, torch.export or a jit trace, no torch.distributed process group (in_distributed_run). Tokens are split over torch's intra-op thread count.
+inside torch.export or a jit trace (a torch.compile'd model calls it as a custom op, native_ops.py), no
+torch.distributed process group (in_distributed_run). Tokens are split over torch's intra-op thread count.
 """
 
 from __future__ import annotations

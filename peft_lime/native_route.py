@@ -12,8 +12,8 @@ the low-rank modulation of native_low_rank.py, and loaded with ctypes. Where no 
 their eager path (logged once at debug level).
 
 When it runs (``modulate`` / ``weights`` return None otherwise, and the layer takes its eager path, which is also
-the reference the tests compare it with at 1e-5): grad mode off, the layer in eval mode, not inside torch.compile or
-a trace; float32 contiguous CPU tensors; ``routing_mode="token"``, ``routing_norm="token"``, no window (n_gram 1,
+the reference the tests compare it with at 1e-5): grad mode off, the layer in eval mode, not inside torch.export or a
+trace (inside torch.compile through the custom ops of native_ops.py, soft selection only); float32 contiguous CPU tensors; ``routing_mode="token"``, ``routing_norm="token"``, no window (n_gram 1,
 not prefix); no routing statistics being recorded, no weights capture, no static routing; E <= 64. Hard top-k
 selection with a tie at the cut falls back too (which tied expert torch.topk keeps is not specified). Training keeps
 the torch ops for the routing (autograd needs them; the region of fused_route.py is the opt-in for that); its
@@ -140,55 +140,92 @@ def plain_float_cpu(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN and t.dtype == _FLOAT and t.device.type == "cpu"
 
 
+def traced_native(*tensors: torch.Tensor) -> bool:
+    """Whether a model being compiled (torch.compile, not torch.export) calls the kernels through their custom ops
+    (native_ops.py) for these tensors: the switch on, float32 CPU tensors, the library loaded, no torch.distributed
+    process group (see native_low_rank.in_distributed_run). Read while dynamo traces: a constant of the graph."""
+    if not (torch.compiler.is_compiling() and _enabled) or torch.compiler.is_exporting():
+        return False
+    if not all(t.dtype == _FLOAT and t.device.type == "cpu" for t in tensors):
+        return False
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) and _library_ready()
+
+
+@torch.compiler.assume_constant_result
+def _library_ready() -> bool:
+    # Run (not traced) by dynamo, which loads the library then if no eager call has yet; the result is baked in.
+    return available()
+
+
 def _plan_of_call(layer: Any, adapter: str, tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
     """The kernel's constants for this call of ``layer``, or None where the kernel does not apply to it."""
-    if not _enabled or torch.is_grad_enabled() or layer.training or torch.compiler.is_compiling():
+    if not _enabled or torch.is_grad_enabled() or layer.training or torch.jit.is_tracing():
         return None
-    plan = _plan(layer.lime_routing[adapter])
+    traced = torch.compiler.is_compiling()
+    # _plan's own function while dynamo traces: a constant per settings object (its cache is not traceable state).
+    plan = (_plan.__wrapped__ if traced else _plan)(layer.lime_routing[adapter])
     if plan is None or adapter in layer.lime_static_routing or layer._context.weights_capture is not None:
         return None
     if layer.lime_stats[adapter].enabled and layer._context.records_stats(False):
         return None
-    if not all(plain_float_cpu(t) and t.is_contiguous() for t in tensors):
-        return None
-    if torch.jit.is_tracing() or not available():
+    if traced:  # hard selection may decline a call (a tie at the cut), which an op inside a graph cannot
+        return plan if not plan[8] and traced_native(*tensors) else None
+    if not all(plain_float_cpu(t) and t.is_contiguous() for t in tensors) or not available():
         return None
     return plan
 
 
-def modulate(layer: Any, adapter: str, h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor) -> Optional[
-    torch.Tensor
-]:
-    """out + delta * modulation for one adapter of ``layer`` through the kernel, or None where it does not apply
-    (the caller then runs its eager path). h: the frozen output; delta: the adapter output; same shape as out."""
-    experts = layer.lime_experts[adapter]
-    weight, shared = experts.weight, experts.shared
-    tensors = (h, out, delta, weight) if shared is None else (h, out, delta, weight, shared, experts.gate)
-    if delta.shape != out.shape or h.shape != out.shape:
-        return None
-    plan = _plan_of_call(layer, adapter, tensors)
-    if plan is None:
-        return None
+def modulate_kernel(
+    h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, shared: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor], plan: tuple,
+) -> Optional[torch.Tensor]:
+    """The kernel's y for contiguous float32 CPU tensors of one shape (h, out, delta), or None if it declined."""
     E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = plan
     width = out.shape[-1]
     y = torch.empty_like(out)
     status = _kernel(
-        h.data_ptr(), delta.data_ptr(), out.data_ptr(), y.data_ptr(), weight.data_ptr(), _ptr(shared),
-        _ptr(experts.gate), out.numel() // width, width, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t, None,
+        h.data_ptr(), delta.data_ptr(), out.data_ptr(), y.data_ptr(), weight.data_ptr(), _ptr(shared), _ptr(gate),
+        out.numel() // width, width, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t, None,
     )
     return y if status == 0 else None
 
 
-def weights(layer: Any, adapter: str, h: torch.Tensor, delta_slice: torch.Tensor) -> Optional[torch.Tensor]:
-    """The mixing weights (N, E) of one adapter of ``layer`` through the kernel, for large calls whose modulation is
-    one GEMM (low_rank_mix.py), or None where the kernel does not apply. h: the frozen output (..., d); delta_slice:
-    the adapter output's routed slice (..., E)."""
-    plan = _plan_of_call(layer, adapter, (h, delta_slice))
-    if plan is None or delta_slice.shape[-1] != plan[0] or h.numel() // h.shape[-1] != delta_slice.numel() // plan[0]:
-        return None
+def weights_kernel(h: torch.Tensor, delta_slice: torch.Tensor, plan: tuple) -> Optional[torch.Tensor]:
+    """The kernel's (N, E) mixing weights for contiguous float32 CPU h (..., d) and delta_slice (..., E), or None."""
     E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = plan
     n_tokens = delta_slice.numel() // E
     mix = torch.empty(n_tokens, E, dtype=_FLOAT)
     status = _weights_kernel(h.data_ptr(), h.shape[-1], delta_slice.data_ptr(), E, n_tokens, E, c_h, c_d, floor2, eps,
                              k, auto, threshold, hard, inv_t, mix.data_ptr())
     return mix if status == 0 else None
+
+
+def modulate(layer: Any, adapter: str, h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor) -> Optional[
+    torch.Tensor
+]:
+    """out + delta * modulation for one adapter of ``layer`` through the kernel, or None where it does not apply
+    (the caller then runs its eager path). h: the frozen output; delta: the adapter output; same shape as out.
+    In a compiled model: its custom op (native_ops.py)."""
+    experts = layer.lime_experts[adapter]
+    weight, shared, gate = experts.weight, experts.shared, experts.gate
+    tensors = (h, out, delta, weight) if shared is None else (h, out, delta, weight, shared, gate)
+    if delta.shape != out.shape or h.shape != out.shape:
+        return None
+    plan = _plan_of_call(layer, adapter, tensors)
+    if plan is None:
+        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.peft_lime.route_modulate(h, out, delta, weight, shared, gate, *plan)
+    return modulate_kernel(h, out, delta, weight, shared, gate, plan)
+
+
+def weights(layer: Any, adapter: str, h: torch.Tensor, delta_slice: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mixing weights (N, E) of one adapter of ``layer`` through the kernel, for large calls whose modulation is
+    one GEMM (low_rank_mix.py), or None where the kernel does not apply. h: the frozen output (..., d); delta_slice:
+    the adapter output's routed slice (..., E). In a compiled model: its custom op (native_ops.py)."""
+    plan = _plan_of_call(layer, adapter, (h, delta_slice))
+    if plan is None or delta_slice.shape[-1] != plan[0] or h.numel() // h.shape[-1] != delta_slice.numel() // plan[0]:
+        return None
+    if torch.compiler.is_compiling():
+        return torch.ops.peft_lime.route_weights(h, delta_slice, *plan)
+    return weights_kernel(h, delta_slice, plan)

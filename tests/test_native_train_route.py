@@ -117,7 +117,16 @@ def test_where_the_call_must_not_run(monkeypatch) -> None:
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     assert native_train_route.route(s, h, h, training=True) is None
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    eager = native_train_route.route(s, h, h, training=False)
+    # While a model is compiled the call is the custom op (native_ops.py), the same values; never in torch.export,
+    # nor with a process group up.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = native_train_route.route(s, h, h, training=False)
+    assert traced is not None and all(torch.equal(x, y) for x, y in zip(traced, eager))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert native_train_route.route(s, h, h, training=True) is None
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     assert native_train_route.route(s, h, h, training=True) is None
 
 

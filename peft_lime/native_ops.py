@@ -1,0 +1,180 @@
+"""LiME's native CPU kernels as torch.library custom ops, so that a torch.compile'd model runs them too.
+
+Eager calls reach the kernels through ctypes (native_route.py, native_low_rank.py, native_train_route.py). Dynamo
+cannot trace a ctypes call, so a compiled model used to hold routing.py's torch ops instead: inductor compiled about
+thirty routing ops forward and as many backward per wrapped layer, which made LiME's compile take 4.7x LoRA's, and
+its generated loops ran slower than the kernels (compiled train step 1.057x, static-cache decoding 1.121x LoRA's at
+8 layers, benchmarks/results/efficiency.md of commit dcfcebe). As custom ops the kernels are single, opaque nodes of
+the graph: a fake implementation gives the compiler shapes, an autograd formula gives it a backward that is again
+one op, and inductor neither traces nor fuses what is inside.
+
+Ops (namespace ``peft_lime``), each the kernel of the module named:
+- ``low_rank_mix`` / ``low_rank_mix_backward``: y = out + s (a @ B.T) * (mix @ P) (native_low_rank.py);
+- ``route_train`` / ``route_train_backward``: the default routing, differentiable (native_train_route.py);
+- ``route_weights``: the mixing weights of a no-grad call (native_route.weights);
+- ``route_modulate``: routing and modulation of a no-grad call, i.e. decoding (native_route.modulate).
+
+Where a compiled model uses them is decided while dynamo traces (native_route.traced_native): the native switch on,
+float32 CPU tensors, the library loaded, no torch.distributed process group, and not torch.export (an exported
+program must not depend on this process's library). The callers' conditions (routing settings, shapes) are the
+eager ones; hard selection is left out, because its kernel may decline a call (a tie at the cut). The low-rank ops
+fall back to their torch formula where the kernel declines (r or E > 64); the routing ops are only traced where
+their kernels cannot decline.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import native_low_rank, native_route, native_train_route
+
+_NS = "peft_lime"
+
+
+# --- low-rank modulation -----------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::low_rank_mix", mutates_args=())
+def low_rank_mix(out: Tensor, a: Tensor, mix: Tensor, B: Tensor, experts: Tensor, scaling: float) -> Tensor:
+    """out + scaling * (a @ B.T) * (mix @ experts), a new tensor of out's shape."""
+    from .low_rank_mix import _forward  # its torch formula, where the kernel declines (that module imports this one)
+
+    return _forward(out.contiguous(), a, mix, B, experts, scaling, False)
+
+
+@low_rank_mix.register_fake
+def _(out: Tensor, a: Tensor, mix: Tensor, B: Tensor, experts: Tensor, scaling: float) -> Tensor:
+    return out.new_empty(out.shape)
+
+
+@torch.library.custom_op(f"{_NS}::low_rank_mix_backward", mutates_args=())
+def low_rank_mix_backward(
+    grad_y: Tensor, a: Tensor, mix: Tensor, B: Tensor, experts: Tensor, scaling: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of a, mix, B and experts of ``low_rank_mix``'s output for ``grad_y`` (N, d)."""
+    from .low_rank_mix import _torch_backward
+
+    grads = native_low_rank.backward(grad_y, a, mix, B, experts, scaling)
+    grad_a, grad_mix, grad_B, grad_experts = grads if grads is not None else _torch_backward(
+        grad_y, a, mix, B, experts, scaling
+    )
+    return grad_a, grad_mix, grad_B.contiguous(), grad_experts  # B's comes transposed from the kernel
+
+
+@low_rank_mix_backward.register_fake
+def _(grad_y: Tensor, a: Tensor, mix: Tensor, B: Tensor, experts: Tensor, scaling: float) -> tuple[
+    Tensor, Tensor, Tensor, Tensor
+]:
+    return a.new_empty(a.shape), mix.new_empty(mix.shape), B.new_empty(B.shape), experts.new_empty(experts.shape)
+
+
+def _low_rank_mix_setup(ctx, inputs, output) -> None:
+    _, a, mix, B, experts, scaling = inputs
+    ctx.save_for_backward(a, mix, B, experts)
+    ctx.scaling = scaling
+
+
+def _low_rank_mix_grad(ctx, grad_y: Tensor):
+    a, mix, B, experts = ctx.saved_tensors
+    g = grad_y.reshape(-1, B.shape[0]).contiguous()
+    grad_a, grad_mix, grad_B, grad_experts = low_rank_mix_backward(g, a, mix, B, experts, ctx.scaling)
+    return grad_y, grad_a, grad_mix, grad_B, grad_experts, None
+
+
+low_rank_mix.register_autograd(_low_rank_mix_grad, setup_context=_low_rank_mix_setup)
+
+
+# --- routing in training -------------------------------------------------------------------------------------------
+def _unit_rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op(f"{_NS}::route_train", mutates_args=())
+def route_train(
+    h_rows: Tensor, d_rows: Tensor, noise: Optional[Tensor], c_h: float, c_d: float, floor2: float, threshold: float,
+    inv_t: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """probs, weights (N, E) and the logit scales (N, 2) of the default routing (native_train_route.forward_kernel)."""
+    consts = (h_rows.shape[-1], c_h, c_d, floor2, threshold, inv_t)
+    noise = None if noise is None else noise.contiguous()
+    return native_train_route.forward_kernel(_unit_rows(h_rows), _unit_rows(d_rows), noise, consts)
+
+
+@route_train.register_fake
+def _(h_rows, d_rows, noise, c_h, c_d, floor2, threshold, inv_t) -> tuple[Tensor, Tensor, Tensor]:
+    N, E = h_rows.shape
+    return h_rows.new_empty(N, E), h_rows.new_empty(N, E), h_rows.new_empty(N, 2)
+
+
+@torch.library.custom_op(f"{_NS}::route_train_backward", mutates_args=())
+def route_train_backward(
+    scales: Tensor, noise: Optional[Tensor], probs: Tensor, weights: Tensor, grad_weights: Tensor,
+    grad_probs: Optional[Tensor], threshold: float, inv_t: float,
+) -> tuple[Tensor, Tensor]:
+    """The gradients (N, E) of the two routed slices of ``route_train`` (native_train_route.backward_kernel)."""
+    noise = None if noise is None else noise.contiguous()
+    return native_train_route.backward_kernel(scales, noise, probs, weights, grad_weights, grad_probs, threshold, inv_t)
+
+
+@route_train_backward.register_fake
+def _(scales, noise, probs, weights, grad_weights, grad_probs, threshold, inv_t) -> tuple[Tensor, Tensor]:
+    return probs.new_empty(probs.shape), probs.new_empty(probs.shape)
+
+
+def _route_train_setup(ctx, inputs, output) -> None:
+    noise, threshold, inv_t = inputs[2], inputs[6], inputs[7]
+    probs, weights, scales = output
+    ctx.save_for_backward(scales, noise, probs, weights)
+    ctx.threshold, ctx.inv_t = threshold, inv_t
+
+
+def _route_train_grad(ctx, grad_probs: Optional[Tensor], grad_weights: Optional[Tensor], _grad_scales: Optional[Tensor]):
+    scales, noise, probs, weights = ctx.saved_tensors
+    if grad_weights is None:
+        grad_weights = torch.zeros_like(weights)
+    grad_h, grad_d = route_train_backward(
+        scales, noise, probs, weights, grad_weights, grad_probs, ctx.threshold, ctx.inv_t
+    )
+    return grad_h, grad_d, None, None, None, None, None, None
+
+
+route_train.register_autograd(_route_train_grad, setup_context=_route_train_setup)
+
+
+# --- no-grad routing (evaluation, prefill, decoding) ---------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::route_weights", mutates_args=())
+def route_weights(
+    h: Tensor, delta_slice: Tensor, E: int, c_h: float, c_d: float, floor2: float, eps: float, k: int, auto: int,
+    threshold: float, hard: int, inv_t: float,
+) -> Tensor:
+    """The (N, E) mixing weights of a no-grad call (native_route.weights_kernel)."""
+    plan = (E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t)
+    mix = native_route.weights_kernel(h.contiguous(), delta_slice.contiguous(), plan)
+    if mix is None:
+        raise RuntimeError("peft_lime::route_weights: the kernel declined a call that tracing admitted")
+    return mix
+
+
+@route_weights.register_fake
+def _(h, delta_slice, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t) -> Tensor:
+    return h.new_empty(delta_slice.numel() // E, E)
+
+
+@torch.library.custom_op(f"{_NS}::route_modulate", mutates_args=())
+def route_modulate(
+    h: Tensor, out: Tensor, delta: Tensor, weight: Tensor, shared: Optional[Tensor], gate: Optional[Tensor], E: int,
+    c_h: float, c_d: float, floor2: float, eps: float, k: int, auto: int, threshold: float, hard: int, inv_t: float,
+) -> Tensor:
+    """out + delta * modulation of a no-grad call, routing included (native_route.modulate_kernel)."""
+    plan = (E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t)
+    tensors = [None if t is None else t.contiguous() for t in (h, out, delta, weight, shared, gate)]
+    y = native_route.modulate_kernel(*tensors, plan)
+    if y is None:
+        raise RuntimeError("peft_lime::route_modulate: the kernel declined a call that tracing admitted")
+    return y
+
+
+@route_modulate.register_fake
+def _(h, out, delta, weight, shared, gate, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t) -> Tensor:
+    return out.new_empty(out.shape)
