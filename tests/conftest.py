@@ -28,3 +28,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def native_on():
+    """peft_lime's native library switched on (and loaded) for a test, the previous switch restored after it."""
+    from peft_lime import native_route
+
+    previous = native_route._enabled
+    native_route.set_native(True)
+    assert native_route.available()
+    yield
+    native_route.set_native(previous)

@@ -12,28 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from peft import get_peft_model
 from torch._dynamo.backends.common import aot_autograd
 
-import peft_lime
 from peft_lime import native_route
 
-from ._models import VOCAB, lime, lora, tiny_llama
+from ._models import VOCAB
+from .test_compile import _model as _compile_test_model
 from .test_native_train_route import _settings, _torch_ops
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "native_on")
 TOL = dict(atol=1e-5, rtol=1e-5)
 OPS = torch.ops.peft_lime
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _native_on():
-    previous = native_route._enabled
-    native_route.set_native(True)
-    assert native_route.available()
-    yield
-    native_route.set_native(previous)
 
 
 def _low_rank_args(N=37, r=8, E=8, d=40, seed=0):
@@ -109,16 +98,7 @@ def test_opcheck(op):
 
 # --- compiled models ---------------------------------------------------------------------------------------------
 def _model(**lime_kwargs):
-    torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(seed=3, num_hidden_layers=1), lime(lora(target_modules=TARGETS), **lime_kwargs))
-    with torch.no_grad():  # experts far from 1: a wrong route shows in the logits
-        for module in model.modules():
-            if isinstance(module, peft_lime.LimeLayer):
-                for experts in module.lime_experts.values():
-                    experts.weight.normal_()
-                    experts.shared.normal_()
-                    experts.gate.fill_(0.5)
-    return model
+    return _compile_test_model(1, **lime_kwargs)  # one decoder layer, experts far from 1
 
 
 class _Recorder:

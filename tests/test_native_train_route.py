@@ -18,7 +18,7 @@ from peft_lime.settings import LimeRoutingSettings
 
 from ._models import VOCAB, lime, lora, scatter_experts, tiny_llama
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "native_on")
 TOL = dict(atol=1e-5, rtol=1e-5)
 SETTINGS = {
     "default (E=8)": {"num_experts": 8},
@@ -29,15 +29,6 @@ SETTINGS = {
     "threshold 0.9, E=16": {"num_experts": 16, "auto_topk_threshold": 0.9},
     "one expert": {"num_experts": 1, "top_k": 1},
 }
-
-
-@pytest.fixture(autouse=True)
-def _native_on():
-    previous = native_route._enabled
-    native_route.set_native(True)
-    assert native_route.available()
-    yield
-    native_route.set_native(previous)
 
 
 def _settings(**kwargs) -> LimeRoutingSettings:
