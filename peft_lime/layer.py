@@ -23,6 +23,7 @@ from .deltas import find_extractor
 from .experts import LimeExperts, expert_seed
 from .layout import TokenLayout, as_sequences
 from .low_rank_mix import use_low_rank_mix
+from .native_balance import micro_batch_aux
 from .opening_logits import opening_only_logits
 from .routing_modes import centroid_logits, mode_weights
 from .settings import LimeRoutingSettings
@@ -222,13 +223,13 @@ class LimeLayer(nn.Module, BaseTunerLayer):
             valid = layout.valid.reshape(-1)
         aux = None
         if self.training and balance_due(self, adapter, s.balance_interval, first_pass):
+            n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
             if s.balance_scope == "global" and (s.importance_loss_coef or s.kl_loss_coef):
                 # Statistics of the accumulation window over all data-parallel ranks (balance.py; eager only).
                 importance, kl = global_balance_terms(self, adapter, probs, valid)
-            else:
-                importance, kl, _ = routing.balance_terms(probs, valid)
-            n_layers = max(self._context.layers_per_adapter.get(adapter, 1), 1)
-            aux = (s.importance_loss_coef * importance + s.kl_loss_coef * kl) / n_layers
+                aux = (s.importance_loss_coef * importance + s.kl_loss_coef * kl) / n_layers
+            else:  # one native call forward and backward where it applies (native_balance.py)
+                aux = micro_batch_aux(probs, valid, s.importance_loss_coef, s.kl_loss_coef, n_layers)
             if first_pass:
                 stats.record_aux(aux)
             if not (torch.is_grad_enabled() and (s.importance_loss_coef or s.kl_loss_coef)):

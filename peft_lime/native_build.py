@@ -1,7 +1,8 @@
 """Building peft_lime's native CPU library (csrc/*.c) on first use, once per machine.
 
-The library holds the decoding kernel (native_route.py) and the low-rank modulation with its backward
-(native_low_rank.py). It is built with the system C compiler (``$CC``, else ``cc``) into a cache folder
+The library holds the decoding kernel (native_route.py), the low-rank modulation with its backward
+(native_low_rank.py), the training routing (native_train_route.py), the routing statistics (native_stats.py) and the
+balance loss (native_balance.py). It is built with the system C compiler (``$CC``, else ``cc``) into a cache folder
 (``$PEFT_LIME_CACHE``, else ``~/.cache/peft_lime``) and loaded with ctypes: no torch headers, a build takes about a
 second. It is built for the host CPU (``-march=native``: the low-rank loops are vector code) and with OpenMP where the
 compiler takes those flags, else without them (FLAG_SETS). The file name carries a hash of the sources, the compiler, the flags and

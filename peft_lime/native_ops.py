@@ -12,7 +12,9 @@ Ops (namespace ``peft_lime``), each the kernel of the module named:
 - ``low_rank_mix`` / ``low_rank_mix_backward``: y = out + s (a @ B.T) * (mix @ P) (native_low_rank.py);
 - ``route_train`` / ``route_train_backward``: the default routing, differentiable (native_train_route.py);
 - ``route_weights``: the mixing weights of a no-grad call (native_route.weights);
-- ``route_modulate``: routing and modulation of a no-grad call, i.e. decoding (native_route.modulate).
+- ``route_modulate``: routing and modulation of a no-grad call, i.e. decoding (native_route.modulate);
+- ``record_routing_stats``: a layer call's routing statistics added to its sums in place (native_stats.py);
+- ``balance_aux`` / ``balance_aux_backward``: the micro-batch balance loss of a layer call (native_balance.py).
 
 Where a compiled model uses them is decided while dynamo traces (native_route.traced_native): the native switch on,
 float32 CPU tensors, the library loaded, no torch.distributed process group, and not torch.export (an exported
@@ -29,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import native_low_rank, native_route, native_train_route
+from . import native_balance, native_low_rank, native_route, native_stats, native_train_route
+from .stats import sum_views
 
 _NS = "peft_lime"
 
@@ -178,3 +181,62 @@ def route_modulate(
 @route_modulate.register_fake
 def _(h, out, delta, weight, shared, gate, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t) -> Tensor:
     return out.new_empty(out.shape)
+
+
+# --- routing statistics (training) ----------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::record_routing_stats", mutates_args=("sums",))
+def record_routing_stats(sums: Tensor, probs: Tensor, selected: Tensor, valid: Optional[Tensor]) -> None:
+    """Add one call's statistics to ``sums``, a RoutingStats flat buffer (stats.sum_views). probs: (N, E); selected:
+    (N, E) bool; valid: (N,) or None (every token counts)."""
+    E = probs.shape[-1]
+    native_stats.add(sum_views(sums, E), probs, selected, valid, [probs.numel() // E])
+
+
+@record_routing_stats.register_fake
+def _(sums: Tensor, probs: Tensor, selected: Tensor, valid: Optional[Tensor]) -> None:
+    return None
+
+
+# --- balance loss (training) ----------------------------------------------------------------------------------------
+def _weights_of(w: Optional[Tensor]) -> Optional[Tensor]:
+    return None if w is None else w.contiguous()
+
+
+@torch.library.custom_op(f"{_NS}::balance_aux", mutates_args=())
+def balance_aux(probs: Tensor, w: Optional[Tensor], importance_coef: float, kl_coef: float, scale: float) -> Tensor:
+    """The scalar balance loss (c_imp * importance + c_kl * kl) * scale of probs (N, E), token weights w (N,) or None."""
+    consts = (importance_coef, kl_coef, scale)
+    return native_balance.forward_kernel(probs.contiguous(), _weights_of(w), consts)[0].clone()
+
+
+@balance_aux.register_fake
+def _(probs, w, importance_coef, kl_coef, scale) -> Tensor:
+    return probs.new_empty(())
+
+
+@torch.library.custom_op(f"{_NS}::balance_aux_backward", mutates_args=())
+def balance_aux_backward(
+    probs: Tensor, w: Optional[Tensor], grad_aux: Tensor, importance_coef: float, kl_coef: float, scale: float
+) -> Tensor:
+    """The gradient (N, E) of ``balance_aux``'s probs for ``grad_aux`` (a scalar tensor)."""
+    consts = (importance_coef, kl_coef, scale)
+    return native_balance.backward_kernel(probs.contiguous(), _weights_of(w), consts, float(grad_aux))
+
+
+@balance_aux_backward.register_fake
+def _(probs, w, grad_aux, importance_coef, kl_coef, scale) -> Tensor:
+    return probs.new_empty(probs.shape)
+
+
+def _balance_setup(ctx, inputs, output) -> None:
+    probs, w, *consts = inputs
+    ctx.save_for_backward(probs, w)
+    ctx.consts = consts
+
+
+def _balance_grad(ctx, grad_aux: Tensor):
+    probs, w = ctx.saved_tensors
+    return balance_aux_backward(probs, w, grad_aux, *ctx.consts), None, None, None, None
+
+
+balance_aux.register_autograd(_balance_grad, setup_context=_balance_setup)

@@ -49,6 +49,8 @@ _LOW_RANK_ARGTYPES = [_P] * 6 + [_L] * 4 + [_F, _I]
 _LOW_RANK_BACKWARD_ARGTYPES = [_P] * 9 + [_L] * 4 + [_F, _I]
 _TRAIN_ARGTYPES = [_P, _L, _P, _L, _P, _L, _L, _F, _F, _F, _F, _F, _F, _P, _P, _P]
 _TRAIN_BACKWARD_ARGTYPES = [_P] * 6 + [_L, _L, _F, _F, _P, _P]
+_STATS_ARGTYPES = [_P] * 4 + [_L, _L] + [_P] * 10
+_BALANCE_ARGTYPES = ([_P, _P, _L, _L, _F, _F, _F, _P], [_P, _P, _L, _L, _F, _F, _F, _F, _P])
 
 
 def env_switch(value: Optional[str]) -> bool:
@@ -61,6 +63,8 @@ _kernel: Any = None
 _weights_kernel: Any = None
 low_rank_kernels: Any = None  # (lime_low_rank_modulate, lime_low_rank_backward) once loaded: native_low_rank.py
 train_kernels: Any = None  # (lime_route_train_forward, lime_route_train_backward): native_train_route.py
+stats_kernel: Any = None  # lime_stats_record: native_stats.py
+balance_kernels: Any = None  # (lime_balance_forward, lime_balance_backward): native_balance.py
 library: Optional[ctypes.CDLL] = None  # the loaded library (its file: library._name)
 _state = "unloaded"  # "unloaded" -> "ready" | "failed"
 _lock = threading.Lock()
@@ -74,7 +78,7 @@ def set_native(enabled: bool) -> None:
 
 def available() -> bool:
     """Whether the native library is built and loaded (building it on the first call); False where that failed."""
-    global _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state
+    global _kernel, _weights_kernel, low_rank_kernels, train_kernels, stats_kernel, balance_kernels, library, _state
     if _state == "unloaded":
         with _lock:
             if _state == "unloaded":
@@ -89,7 +93,11 @@ def available() -> bool:
                     for entry, types in zip(low_rank + train, argtypes):
                         entry.argtypes, entry.restype = types, ctypes.c_int
                     _kernel, _weights_kernel, low_rank_kernels, library = kernel, weights_kernel, low_rank, loaded
-                    train_kernels = train
+                    train_kernels, stats_kernel = train, loaded.lime_stats_record
+                    stats_kernel.argtypes, stats_kernel.restype = _STATS_ARGTYPES, ctypes.c_int
+                    balance_kernels = loaded.lime_balance_forward, loaded.lime_balance_backward
+                    for entry, types in zip(balance_kernels, _BALANCE_ARGTYPES):
+                        entry.argtypes, entry.restype = types, ctypes.c_int
                     _state = "ready"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home folder
                     LOGGER.debug("peft_lime: native routing kernel unavailable, eager path used: %s", err)
@@ -110,8 +118,9 @@ def _load() -> ctypes.CDLL:
 
 def reset() -> None:
     """Forget the loaded kernel (and a failure): the next call builds / loads it again."""
-    global _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state
+    global _kernel, _weights_kernel, low_rank_kernels, train_kernels, stats_kernel, balance_kernels, library, _state
     _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state = None, None, None, None, None, "unloaded"
+    stats_kernel = balance_kernels = None
 
 
 @lru_cache(maxsize=256)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import native_stats
 from .routing import normalized_entropy
 
 # Capacity of the per-task usage table (task ids are small integers put in batches by the collator).
@@ -39,12 +40,33 @@ SUM_SHAPES = {
 }
 
 
+def sum_views(flat: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
+    """The named sums as views of one flat float32 buffer, in SUM_SHAPES order (one tensor that a compiled step's
+    statistics op mutates, native_ops.record_routing_stats, and that sync_routing_stats reduces)."""
+    sizes = {"E": num_experts, "E+1": num_experts + 1, "T": MAX_TASKS}
+    views, offset = {}, 0
+    for name, shape in SUM_SHAPES.items():
+        dims = tuple(sizes[s] for s in shape)
+        n = 1
+        for dim in dims:
+            n *= dim
+        views[name] = flat[offset : offset + n].view(dims)
+        offset += n
+    return views
+
+
+def flat_size(num_experts: int) -> int:
+    """Elements of the flat buffer of ``sum_views``."""
+    return 8 + 2 * num_experts + MAX_TASKS * (num_experts + 1) + num_experts + 1
+
+
 class RoutingStats:
     """Sums over all recorded tokens since the last reset (padding and non-finite rows excluded)."""
 
     def __init__(self, num_experts: int, device: Optional[torch.device] = None) -> None:
         self.num_experts = num_experts
         self._sums: Optional[dict[str, torch.Tensor]] = None
+        self._flat: Optional[torch.Tensor] = None  # the storage of every sum (sum_views)
         # A training callback pauses recording between optimizer steps, so evaluation forwards made during training
         # do not mix into the training statistics (see ``telemetry.set_routing_stats_enabled``).
         self.enabled = True
@@ -59,9 +81,8 @@ class RoutingStats:
 
     def reset(self) -> None:
         # Zeroed in place rather than dropped: a compiled graph that accumulates into these buffers keeps them.
-        if self._sums is not None:
-            for buffer in self._sums.values():
-                buffer.zero_()
+        if self._flat is not None:
+            self._flat.zero_()
         self._pending, self._pending_tokens = [], 0
 
     def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -72,14 +93,12 @@ class RoutingStats:
     def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
         # No fold here: a compiled step accumulates into these directly, and folding the calls an eager step left
         # pending from inside the graph would change the pending list the graph was traced with (a recompilation).
-        if self._sums is None:
-            sizes = {"E": self.num_experts, "E+1": self.num_experts + 1, "T": MAX_TASKS}
-            self._sums = {
-                name: torch.zeros(tuple(sizes[s] for s in shape), dtype=torch.float32, device=device)
-                for name, shape in SUM_SHAPES.items()
-            }
-        elif self._sums["tokens"].device != torch.device(device):  # the model moved since (e.g. .to("cuda"))
-            self._sums = {name: buffer.to(device) for name, buffer in self._sums.items()}
+        if self._flat is None:
+            self._flat = torch.zeros(flat_size(self.num_experts), dtype=torch.float32, device=device)
+            self._sums = sum_views(self._flat, self.num_experts)
+        elif self._flat.device != torch.device(device):  # the model moved since (e.g. .to("cuda"))
+            self._flat = self._flat.to(device)
+            self._sums = sum_views(self._flat, self.num_experts)
         return self._sums
 
     def record_aux(self, aux: torch.Tensor) -> None:
@@ -98,9 +117,14 @@ class RoutingStats:
             return
         entry = (probs.detach(), selected, valid, token_tasks)
         if torch.compiler.is_compiling():
-            # Inside a compiled graph the sums are updated in place, fused with the rest of the layer: no Python
-            # list or counter that would change (and recompile) at every call.
-            self._accumulate([entry])
+            # Inside a compiled graph the sums are updated in place: no Python list or counter that would change (and
+            # recompile) at every call. Where the native kernel applies, as one opaque op (native_stats.py).
+            if token_tasks is None and native_stats.applies(probs, traced=True):
+                self._buffers(probs.device)
+                flat_valid = None if valid is None else valid.reshape(-1)
+                torch.ops.peft_lime.record_routing_stats(self._flat, entry[0], selected, flat_valid)
+            else:
+                self._accumulate([entry])
             return
         self._pending.append(entry)
         self._pending_tokens += probs.shape[0]
@@ -122,6 +146,14 @@ class RoutingStats:
         device, counts = probs.device, [e[0].numel() // E for e in entries]
         s = self._buffers(device)
         selected = torch.cat([e[1].reshape(-1, E) for e in entries])
+        tasks_recorded = any(e[3] is not None for e in entries)
+        if not tasks_recorded and native_stats.applies(probs):
+            valids = [e[2] for e in entries]
+            w = None if all(v is None for v in valids) else torch.cat(
+                [v.reshape(-1).float() if v is not None else probs.new_ones(n) for v, n in zip(valids, counts)]
+            )
+            native_stats.add(s, probs, selected, w, counts)
+            return
         w = torch.cat(
             [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]
         )
@@ -151,7 +183,7 @@ class RoutingStats:
         s["active_hist"].index_add_(0, n_active.reshape(-1).long(), w)
         s["probs"] += pw.sum(0)
         s["load"] += w @ selected.float()
-        if any(e[3] is not None for e in entries):
+        if tasks_recorded:
             tasks = torch.cat(
                 [
                     e[3].reshape(-1) if e[3] is not None else torch.full((n,), -1, device=device)

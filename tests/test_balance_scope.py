@@ -15,7 +15,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 
 import peft_lime
-from peft_lime import LimeConfig, balance, routing
+from peft_lime import LimeConfig, balance, native_route, routing
 
 from ._models import VOCAB, lime, tiny_llama
 
@@ -129,6 +129,9 @@ def test_micro_batch_scope_is_routing_balance_terms(monkeypatch):
 
     monkeypatch.setattr(routing, "balance_terms", spy)
     monkeypatch.setattr(peft_lime.layer, "inject_aux_loss", lambda activations, aux, scale=1.0: activations)
+    # The reference takes routing.py's ops (native library off), so balance_terms is the function spied on; the
+    # model above may have taken the native kernels (native_balance.py), which must give the same gradients.
+    monkeypatch.setattr(native_route, "_enabled", False)
     reference = _model("micro_batch", jitter_noise=0.1)
     torch.manual_seed(3)  # the same jitter
     reference(**batch)

@@ -14,6 +14,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
+import peft_lime
 from peft_lime import native_route
 
 from ._models import VOCAB
@@ -23,6 +24,8 @@ from .test_native_train_route import _settings, _torch_ops
 pytestmark = pytest.mark.usefixtures("one_thread", "native_on")
 TOL = dict(atol=1e-5, rtol=1e-5)
 OPS = torch.ops.peft_lime
+STATS_KEYS = ("tokens", "routing_entropy", "active_experts", "mean_probs", "load", "importance_loss", "kl_loss",
+              "active_histogram")
 
 
 def _low_rank_args(N=37, r=8, E=8, d=40, seed=0):
@@ -147,13 +150,24 @@ def test_compiled_training_step_equals_eager_torch_ops(jitter):
     recorder = _Recorder()
     torch._dynamo.reset()
     got = step(compiled, torch.compile(compiled, backend=recorder.backend))
-    assert recorder.lime_ops() == {"low_rank_mix", "low_rank_mix_backward", "route_train", "route_train_backward"}
+    assert recorder.lime_ops() == {
+        "low_rank_mix", "low_rank_mix_backward", "route_train", "route_train_backward", "balance_aux",
+        "balance_aux_backward", "record_routing_stats",
+    }
     torch.testing.assert_close(got, ref, **TOL)
     grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
     assert len(grads) == 4 * 5 and all(g is not None for g in grads.values())  # lora_A, lora_B, weight, shared, gate
     for name, param in compiled.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], **TOL, msg=name)
+    # The statistics the op added in the graph are those routing.py's ops and stats.py's sums give eagerly.
+    want, have = peft_lime.get_routing_stats(eager)["layers"], peft_lime.get_routing_stats(compiled)["layers"]
+    assert set(have) == set(want) and len(want) == 4
+    for layer, ref_stats in want.items():
+        assert ref_stats["tokens"] == x.numel()
+        for key in STATS_KEYS:
+            torch.testing.assert_close(torch.as_tensor(have[layer][key]), torch.as_tensor(ref_stats[key]), **TOL,
+                                       msg=f"{layer} {key}")
 
 
 def test_compiled_eval_forward_equals_eager_torch_ops():

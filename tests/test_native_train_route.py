@@ -13,7 +13,7 @@ import torch
 from peft import get_peft_model
 
 import peft_lime
-from peft_lime import native_route, native_train_route, routing
+from peft_lime import native_balance, native_route, native_train_route, routing
 from peft_lime.settings import LimeRoutingSettings
 
 from ._models import VOCAB, lime, lora, scatter_experts, tiny_llama
@@ -140,13 +140,18 @@ def _train_step(native: bool, **kwargs):
 
 @pytest.mark.parametrize("kwargs", [{}, {"jitter_noise": 0.0, "shared_expert": False}], ids=["default", "no jitter"])
 def test_a_training_step_equals_the_torch_ops(kwargs, monkeypatch) -> None:
-    calls = []
+    calls, balance_calls, stats_calls = [], [], []
     original = native_train_route._NativeRoute.apply
     monkeypatch.setattr(native_train_route._NativeRoute, "apply", lambda *a: calls.append(1) or original(*a))
+    # The balance loss and the statistics' sums take their kernels too (native_balance.py, native_stats.py).
+    balance = native_balance._NativeBalance.apply
+    monkeypatch.setattr(native_balance._NativeBalance, "apply", lambda *a: balance_calls.append(1) or balance(*a))
+    stats_kernel = native_route.stats_kernel
+    monkeypatch.setattr(native_route, "stats_kernel", lambda *a: stats_calls.append(1) or stats_kernel(*a))
     loss_off, grads_off, stats_off, rng_off = _train_step(False, **kwargs)
-    assert calls == []
+    assert calls == balance_calls == stats_calls == []
     loss_on, grads_on, stats_on, rng_on = _train_step(True, **kwargs)
-    assert len(calls) == 4 * 2  # every wrapped layer of the 2-layer model, once
+    assert len(calls) == len(balance_calls) == len(stats_calls) == 4 * 2  # every wrapped layer, once (a fold each)
     assert torch.equal(rng_on, rng_off), "the jitter draw left the RNG stream where the torch ops leave it"
     torch.testing.assert_close(loss_on, loss_off, **TOL)
     assert set(grads_on) == set(grads_off)
