@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import native_balance, native_low_rank, native_route, native_stats, native_train_route
-from .stats import sum_views
+from .stats import sum_offsets
 
 _NS = "peft_lime"
 OPS = torch.ops.peft_lime
@@ -220,7 +220,7 @@ def record_routing_stats(sums: Tensor, probs: Tensor, selected: Tensor, valid: O
     """Add one call's statistics to ``sums``, a RoutingStats flat buffer (stats.sum_views). probs: (N, E); selected:
     (N, E) bool; valid: (N,) or None (every token counts)."""
     E = probs.shape[-1]
-    native_stats.add(sum_views(sums, E), probs, selected, valid, [probs.numel() // E])
+    native_stats.add(sums, sum_offsets(E), probs, selected, valid, [probs.numel() // E])
 
 
 @torch.library.register_fake(OPS.record_routing_stats.default)

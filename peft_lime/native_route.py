@@ -44,11 +44,11 @@ _FLOAT = torch.float32
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _P, _F, _L, _I = ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_int
 _ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
-_WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
+_WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P, _I]
 _LOW_RANK_ARGTYPES = [_P] * 6 + [_L] * 4 + [_F, _I]
 _LOW_RANK_BACKWARD_ARGTYPES = [_P] * 9 + [_L] * 4 + [_F, _I]
-_TRAIN_ARGTYPES = [_P, _L, _P, _L, _P, _L, _L, _F, _F, _F, _F, _F, _F, _P, _P, _P]
-_TRAIN_BACKWARD_ARGTYPES = [_P] * 6 + [_L, _L, _F, _F, _P, _P]
+_TRAIN_ARGTYPES = [_P, _L, _P, _L, _P, _L, _L, _F, _F, _F, _F, _F, _F, _P, _P, _P, _I]
+_TRAIN_BACKWARD_ARGTYPES = [_P] * 6 + [_L, _L, _F, _F, _P, _P, _I]
 _STATS_ARGTYPES = [_P] * 4 + [_L, _L] + [_P] * 10
 _BALANCE_ARGTYPES = ([_P, _P, _L, _L, _F, _F, _F, _P], [_P, _P, _L, _L, _F, _F, _F, _F, _P])
 
@@ -139,6 +139,16 @@ def _plan(s: Any) -> Optional[tuple]:
             1.0 / s.selection_temperature)
 
 
+# Tokens per call from which the per-token routing kernels share the tokens among torch's intra-op threads: each token
+# is a few dozen transcendental functions (a 512-token training call took 145 us on one thread, 84 us on two).
+PARALLEL_TOKENS = 256
+
+
+def parallel_threads(n_tokens: int) -> int:
+    """Threads for a per-token kernel call of ``n_tokens`` tokens: torch's intra-op count for large calls, else 1."""
+    return torch.get_num_threads() if n_tokens >= PARALLEL_TOKENS else 1
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -205,7 +215,7 @@ def weights_kernel(h: torch.Tensor, delta_slice: torch.Tensor, plan: tuple) -> O
     n_tokens = delta_slice.numel() // E
     mix = torch.empty(n_tokens, E, dtype=_FLOAT)
     status = _weights_kernel(h.data_ptr(), h.shape[-1], delta_slice.data_ptr(), E, n_tokens, E, c_h, c_d, floor2, eps,
-                             k, auto, threshold, hard, inv_t, mix.data_ptr())
+                             k, auto, threshold, hard, inv_t, mix.data_ptr(), parallel_threads(n_tokens))
     return mix if status == 0 else None
 
 

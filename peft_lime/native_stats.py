@@ -15,6 +15,7 @@ tensor ops run; they are the reference the tests compare this with (every sum at
 
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -40,19 +41,22 @@ def applies(probs: torch.Tensor, traced: bool = False) -> bool:
 
 
 def add(
-    sums: dict[str, torch.Tensor], probs: torch.Tensor, selected: torch.Tensor, weights: Optional[torch.Tensor],
-    call_lengths: list[int],
+    flat: torch.Tensor, offsets: dict[str, int], probs: torch.Tensor, selected: torch.Tensor,
+    weights: Optional[torch.Tensor], call_lengths: list[int],
 ) -> None:
-    """Add the statistics of recorded calls to ``sums`` (float32 CPU buffers, stats.SUM_SHAPES). probs: (N, E)
-    float32; selected: (N, E) bool; weights: (N,) token weights (None: every token counts 1); the N rows are the
-    calls' tokens in order, ``call_lengths`` tokens each."""
+    """Add the statistics of recorded calls to the sums of ``flat``, a float32 CPU buffer whose sums start at
+    ``offsets`` (stats.sum_offsets). probs: (N, E) float32; selected: (N, E) bool; weights: (N,) token weights
+    (None: every token counts 1); the N rows are the calls' tokens in order, ``call_lengths`` tokens each."""
     E = probs.shape[-1]
     probs = probs.reshape(-1, E).contiguous()
-    chosen = selected.reshape(-1, E).to(torch.bool).contiguous()
-    w = None if weights is None else weights.reshape(-1).to(torch.float32).contiguous()
-    lengths = torch.tensor(call_lengths, dtype=torch.long)
-    out = [sums[name].data_ptr() for name in KERNEL_SUMS]
+    chosen = selected.reshape(-1, E)
+    chosen = (chosen if chosen.dtype == torch.bool else chosen.to(torch.bool)).contiguous()
+    w = None if weights is None else weights.reshape(-1)
+    if w is not None:
+        w = (w if w.dtype == torch.float32 else w.to(torch.float32)).contiguous()
+    lengths = (ctypes.c_long * len(call_lengths))(*call_lengths)
+    base = flat.data_ptr()
+    out = [base + 4 * offsets[name] for name in KERNEL_SUMS]  # float32: 4 bytes an element
     native_route.stats_kernel(
-        probs.data_ptr(), chosen.data_ptr(), None if w is None else w.data_ptr(), lengths.data_ptr(), len(call_lengths),
-        E, *out,
+        probs.data_ptr(), chosen.data_ptr(), None if w is None else w.data_ptr(), lengths, len(call_lengths), E, *out,
     )

@@ -57,7 +57,7 @@ def forward_kernel(
     native_route.train_kernels[0](
         h_rows.data_ptr(), h_rows.stride(0), d_rows.data_ptr(), d_rows.stride(0),
         None if noise is None else noise.data_ptr(), N, E, c_h, c_d, floor2, _EPS, threshold, inv_t,
-        probs.data_ptr(), weights.data_ptr(), scales.data_ptr(),
+        probs.data_ptr(), weights.data_ptr(), scales.data_ptr(), native_route.parallel_threads(N),
     )
     return probs, weights, scales
 
@@ -74,7 +74,7 @@ def backward_kernel(
     native_route.train_kernels[1](
         scales.data_ptr(), None if noise is None else noise.data_ptr(), probs.data_ptr(), weights.data_ptr(),
         grad_w.data_ptr(), None if grad_p is None else grad_p.data_ptr(), N, E, threshold, inv_t,
-        grad_h.data_ptr(), grad_d.data_ptr(),
+        grad_h.data_ptr(), grad_d.data_ptr(), native_route.parallel_threads(N),
     )
     return grad_h, grad_d
 

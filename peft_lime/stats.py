@@ -7,6 +7,8 @@ is in telemetry.py.
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import Any, Optional
 
 import torch
@@ -44,15 +46,23 @@ def sum_views(flat: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
     """The named sums as views of one flat float32 buffer, in SUM_SHAPES order (one tensor that a compiled step's
     statistics op mutates, native_ops.record_routing_stats, and that sync_routing_stats reduces)."""
     sizes = {"E": num_experts, "E+1": num_experts + 1, "T": MAX_TASKS}
-    views, offset = {}, 0
+    offsets = sum_offsets(num_experts)
+    views = {}
     for name, shape in SUM_SHAPES.items():
         dims = tuple(sizes[s] for s in shape)
-        n = 1
-        for dim in dims:
-            n *= dim
-        views[name] = flat[offset : offset + n].view(dims)
-        offset += n
+        views[name] = flat[offsets[name] : offsets[name] + math.prod(dims)].view(dims)
     return views
+
+
+@lru_cache(maxsize=64)
+def sum_offsets(num_experts: int) -> dict[str, int]:
+    """Element offset of every named sum in the flat buffer of ``sum_views``."""
+    sizes = {"E": num_experts, "E+1": num_experts + 1, "T": MAX_TASKS}
+    offsets, offset = {}, 0
+    for name, shape in SUM_SHAPES.items():
+        offsets[name] = offset
+        offset += math.prod(sizes[s] for s in shape)
+    return offsets
 
 
 def flat_size(num_experts: int) -> int:
@@ -152,7 +162,7 @@ class RoutingStats:
             w = None if all(v is None for v in valids) else torch.cat(
                 [v.reshape(-1).float() if v is not None else probs.new_ones(n) for v, n in zip(valids, counts)]
             )
-            native_stats.add(s, probs, selected, w, counts)
+            native_stats.add(self._flat, sum_offsets(E), probs, selected, w, counts)
             return
         w = torch.cat(
             [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]

@@ -114,10 +114,13 @@ def test_kernel_weights_and_output_equal_the_eager_math(name: str) -> None:
     torch.testing.assert_close(y, y_ref, **TOL)
     # The weights-only entry (large calls): h read with its row stride d, the slice of delta packed (N, E).
     E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = native_route._plan(s)
-    slice_, w_only = delta[:, :E].contiguous(), torch.empty(N, E)
-    assert native_route._weights_kernel(h.data_ptr(), d, slice_.data_ptr(), E, N, E, c_h, c_d, floor2, eps, k, auto,
-                                        threshold, hard, inv_t, w_only.data_ptr()) == 0
+    # One thread, then two sharing the tokens (OpenMP builds): the same weights, bit for bit.
+    slice_, w_only, w_two = delta[:, :E].contiguous(), torch.empty(N, E), torch.empty(N, E)
+    for threads, dest in ((1, w_only), (2, w_two)):
+        assert native_route._weights_kernel(h.data_ptr(), d, slice_.data_ptr(), E, N, E, c_h, c_d, floor2, eps, k,
+                                            auto, threshold, hard, inv_t, dest.data_ptr(), threads) == 0
     torch.testing.assert_close(w_only, w_ref, **TOL)
+    assert torch.equal(w_two, w_only)
     assert (w == 0).any() == (s.selection == "hard" and (s.auto_topk or s.top_k < s.num_experts))
 
 

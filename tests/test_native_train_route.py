@@ -85,6 +85,30 @@ def test_probs_weights_and_gradients_equal_the_torch_ops(name, jitter) -> None:
             torch.testing.assert_close(g, w_, atol=1e-5, rtol=1e-4)
 
 
+def test_two_threads_give_the_one_thread_results() -> None:
+    # From PARALLEL_TOKENS tokens on the kernels share the tokens among torch's threads: same values, bit for bit.
+    s = _settings(num_experts=8, jitter_noise=0.1)
+    N = 3 * native_route.PARALLEL_TOKENS + 5
+    gen = torch.Generator().manual_seed(2)
+    h, d = torch.randn(N, 8, generator=gen) * 3, torch.randn(N, 8, generator=gen)
+    g_w, g_p = torch.randn(N, 8, generator=gen), torch.randn(N, 8, generator=gen)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        leaves = [h.clone().requires_grad_(), d.clone().requires_grad_()]
+        torch.manual_seed(3)
+        probs, weights = native_train_route.route(s, *leaves, training=True)
+        results.append((probs, weights, *torch.autograd.grad((probs, weights), leaves, (g_p, g_w))))
+    torch.set_num_threads(1)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    torch.manual_seed(3)
+    noise = torch.empty(N, 8).uniform_(0.9, 1.1)
+    ref_probs, ref_weights, _ = _torch_ops(s, h, d, noise)
+    torch.testing.assert_close(results[1][0], ref_probs, **TOL)
+    torch.testing.assert_close(results[1][1], ref_weights, **TOL)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"auto_topk": False, "top_k": 2}, {"selection": "hard"}, {"max_active_experts": 2}, {"n_gram": 3},

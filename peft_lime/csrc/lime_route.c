@@ -102,15 +102,20 @@ static int route_token(const float *hn, const float *dn, long E, float c_h, floa
 }
 
 /* Routing weights (n_tokens, E) only, for calls whose modulation runs elsewhere (the single-GEMM path of large
- * calls): h rows h_stride apart (the routed slice is each row's first E values), d rows d_stride apart. */
+ * calls): h rows h_stride apart (the routed slice is each row's first E values), d rows d_stride apart. Tokens are
+ * independent: with OpenMP, `threads` threads share them. */
 int lime_route_weights(const float *h, long h_stride, const float *d, long d_stride, long n_tokens, long n_experts,
                        float c_h, float c_d, float floor2, float eps, long k, int auto_topk, float threshold, int hard,
-                       float inv_t, float *weights_out) {
+                       float inv_t, float *weights_out, int threads) {
+    int status = 0;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status) if (threads > 1)
+#endif
     for (long n = 0; n < n_tokens; ++n)
-        if (route_token(h + n * h_stride, d + n * d_stride, n_experts, c_h, c_d, floor2, eps, k, auto_topk, threshold,
-                        hard, inv_t, weights_out + n * n_experts))
-            return 1;
-    return 0;
+        status |= route_token(h + n * h_stride, d + n * d_stride, n_experts, c_h, c_d, floor2, eps, k, auto_topk,
+                              threshold, hard, inv_t, weights_out + n * n_experts);
+    return status;
 }
 
 int lime_route_modulate(const float *h, const float *delta, const float *out, float *y, const float *experts,
@@ -145,12 +150,17 @@ int lime_route_modulate(const float *h, const float *delta, const float *out, fl
  * computed without gradient, as routing._token_logits does; jitter multiplies the logits by noise (drawn by torch).
  * The backward maps the gradients of weights and probs (g_p may be NULL) to those of the two routed slices, as
  * autograd would through routing.py's ops (amax shares its gradient evenly between tied maxima, softplus is linear
- * past its threshold of 20). */
+ * past its threshold of 20). Tokens are independent: with OpenMP, `threads` threads share them (the same results for
+ * any count); the caller passes 1 for small calls. */
 int lime_route_train_forward(const float *h, long h_stride, const float *d, long d_stride, const float *noise,
                              long n_tokens, long E, float c_h, float c_d, float floor2, float eps, float threshold,
-                             float inv_t, float *probs, float *weights, float *scales) {
-    float logits[LIME_MAX_EXPERTS], gated[LIME_MAX_EXPERTS];
+                             float inv_t, float *probs, float *weights, float *scales, int threads) {
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#endif
     for (long n = 0; n < n_tokens; ++n) {
+        float logits[LIME_MAX_EXPERTS], gated[LIME_MAX_EXPERTS];
         const float *hn = h + n * h_stride, *dn = d + n * d_stride;
         float *p = probs + n * E, *w = weights + n * E;
         float s_h = 0.0f, s_d = 0.0f;
@@ -180,9 +190,13 @@ int lime_route_train_forward(const float *h, long h_stride, const float *d, long
 
 int lime_route_train_backward(const float *scales, const float *noise, const float *probs, const float *weights,
                               const float *grad_w, const float *grad_p, long n_tokens, long E, float threshold,
-                              float inv_t, float *grad_h, float *grad_d) {
-    float g_x[LIME_MAX_EXPERTS], g_gated[LIME_MAX_EXPERTS], g_p[LIME_MAX_EXPERTS];
+                              float inv_t, float *grad_h, float *grad_d, int threads) {
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+#endif
     for (long n = 0; n < n_tokens; ++n) {
+        float g_x[LIME_MAX_EXPERTS], g_gated[LIME_MAX_EXPERTS], g_p[LIME_MAX_EXPERTS];
         const float *p = probs + n * E, *w = weights + n * E, *gw = grad_w + n * E;
         float dot_w = 0.0f, top = p[0];
         for (long e = 0; e < E; ++e) dot_w += w[e] * gw[e];
