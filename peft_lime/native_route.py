@@ -50,7 +50,16 @@ _LOW_RANK_BACKWARD_ARGTYPES = [_P] * 9 + [_L] * 4 + [_F, _I]
 _TRAIN_ARGTYPES = [_P, _L, _P, _L, _P, _L, _L, _F, _F, _F, _F, _F, _F, _P, _P, _P, _I]
 _TRAIN_BACKWARD_ARGTYPES = [_P] * 6 + [_L, _L, _F, _F, _P, _P, _I]
 _STATS_ARGTYPES = [_P] * 4 + [_L, _L] + [_P] * 10
-_BALANCE_ARGTYPES = ([_P, _P, _L, _L, _F, _F, _F, _P], [_P, _P, _L, _L, _F, _F, _F, _F, _P])
+_BALANCE_ARGTYPES = [_P, _P, _L, _L, _F, _F, _F, _P]
+_BALANCE_BACKWARD_ARGTYPES = [_P, _P, _L, _L, _F, _F, _F, _F, _P]
+# Every entry of the library (csrc/*.c) and its argument types; each returns an int status.
+_SIGNATURES = {
+    "lime_route_modulate": _ARGTYPES, "lime_route_weights": _WEIGHTS_ARGTYPES,
+    "lime_low_rank_modulate": _LOW_RANK_ARGTYPES, "lime_low_rank_backward": _LOW_RANK_BACKWARD_ARGTYPES,
+    "lime_route_train_forward": _TRAIN_ARGTYPES, "lime_route_train_backward": _TRAIN_BACKWARD_ARGTYPES,
+    "lime_stats_record": _STATS_ARGTYPES,
+    "lime_balance_forward": _BALANCE_ARGTYPES, "lime_balance_backward": _BALANCE_BACKWARD_ARGTYPES,
+}
 
 
 def env_switch(value: Optional[str]) -> bool:
@@ -84,20 +93,15 @@ def available() -> bool:
             if _state == "unloaded":
                 try:
                     loaded = _load()
-                    kernel, weights_kernel = loaded.lime_route_modulate, loaded.lime_route_weights
-                    kernel.argtypes, kernel.restype = _ARGTYPES, ctypes.c_int
-                    weights_kernel.argtypes, weights_kernel.restype = _WEIGHTS_ARGTYPES, ctypes.c_int
-                    low_rank = loaded.lime_low_rank_modulate, loaded.lime_low_rank_backward
-                    train = loaded.lime_route_train_forward, loaded.lime_route_train_backward
-                    argtypes = (_LOW_RANK_ARGTYPES, _LOW_RANK_BACKWARD_ARGTYPES, _TRAIN_ARGTYPES, _TRAIN_BACKWARD_ARGTYPES)
-                    for entry, types in zip(low_rank + train, argtypes):
-                        entry.argtypes, entry.restype = types, ctypes.c_int
-                    _kernel, _weights_kernel, low_rank_kernels, library = kernel, weights_kernel, low_rank, loaded
-                    train_kernels, stats_kernel = train, loaded.lime_stats_record
-                    stats_kernel.argtypes, stats_kernel.restype = _STATS_ARGTYPES, ctypes.c_int
-                    balance_kernels = loaded.lime_balance_forward, loaded.lime_balance_backward
-                    for entry, types in zip(balance_kernels, _BALANCE_ARGTYPES):
-                        entry.argtypes, entry.restype = types, ctypes.c_int
+                    entry = {name: getattr(loaded, name) for name in _SIGNATURES}
+                    for name, argtypes in _SIGNATURES.items():
+                        entry[name].argtypes, entry[name].restype = argtypes, ctypes.c_int
+                    _kernel, _weights_kernel = entry["lime_route_modulate"], entry["lime_route_weights"]
+                    low_rank_kernels = entry["lime_low_rank_modulate"], entry["lime_low_rank_backward"]
+                    train_kernels = entry["lime_route_train_forward"], entry["lime_route_train_backward"]
+                    stats_kernel = entry["lime_stats_record"]
+                    balance_kernels = entry["lime_balance_forward"], entry["lime_balance_backward"]
+                    library = loaded
                     _state = "ready"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home folder
                     LOGGER.debug("peft_lime: native routing kernel unavailable, eager path used: %s", err)
@@ -119,8 +123,8 @@ def _load() -> ctypes.CDLL:
 def reset() -> None:
     """Forget the loaded kernel (and a failure): the next call builds / loads it again."""
     global _kernel, _weights_kernel, low_rank_kernels, train_kernels, stats_kernel, balance_kernels, library, _state
-    _kernel, _weights_kernel, low_rank_kernels, train_kernels, library, _state = None, None, None, None, None, "unloaded"
-    stats_kernel = balance_kernels = None
+    _kernel = _weights_kernel = low_rank_kernels = train_kernels = stats_kernel = balance_kernels = library = None
+    _state = "unloaded"
 
 
 @lru_cache(maxsize=256)

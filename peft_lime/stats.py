@@ -42,32 +42,36 @@ SUM_SHAPES = {
 }
 
 
-def sum_views(flat: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
-    """The named sums as views of one flat float32 buffer, in SUM_SHAPES order (one tensor that a compiled step's
-    statistics op mutates, native_ops.record_routing_stats, and that sync_routing_stats reduces)."""
+@lru_cache(maxsize=64)
+def _layout(num_experts: int) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
+    """(name -> (element offset, shape)) of every sum in one flat buffer, in SUM_SHAPES order, and its size."""
     sizes = {"E": num_experts, "E+1": num_experts + 1, "T": MAX_TASKS}
-    offsets = sum_offsets(num_experts)
-    views = {}
+    layout, offset = {}, 0
     for name, shape in SUM_SHAPES.items():
         dims = tuple(sizes[s] for s in shape)
-        views[name] = flat[offsets[name] : offsets[name] + math.prod(dims)].view(dims)
-    return views
+        layout[name] = (offset, dims)
+        offset += math.prod(dims)
+    return layout, offset
+
+
+def sum_views(flat: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
+    """The named sums as views of one flat float32 buffer (one tensor, which a compiled step's statistics op
+    mutates: native_ops.record_routing_stats)."""
+    return {
+        name: flat[offset : offset + math.prod(dims)].view(dims)
+        for name, (offset, dims) in _layout(num_experts)[0].items()
+    }
 
 
 @lru_cache(maxsize=64)
 def sum_offsets(num_experts: int) -> dict[str, int]:
     """Element offset of every named sum in the flat buffer of ``sum_views``."""
-    sizes = {"E": num_experts, "E+1": num_experts + 1, "T": MAX_TASKS}
-    offsets, offset = {}, 0
-    for name, shape in SUM_SHAPES.items():
-        offsets[name] = offset
-        offset += math.prod(sizes[s] for s in shape)
-    return offsets
+    return {name: offset for name, (offset, _) in _layout(num_experts)[0].items()}
 
 
 def flat_size(num_experts: int) -> int:
     """Elements of the flat buffer of ``sum_views``."""
-    return 8 + 2 * num_experts + MAX_TASKS * (num_experts + 1) + num_experts + 1
+    return _layout(num_experts)[1]
 
 
 class RoutingStats:
@@ -156,17 +160,13 @@ class RoutingStats:
         device, counts = probs.device, [e[0].numel() // E for e in entries]
         s = self._buffers(device)
         selected = torch.cat([e[1].reshape(-1, E) for e in entries])
-        tasks_recorded = any(e[3] is not None for e in entries)
-        if not tasks_recorded and native_stats.applies(probs):
-            valids = [e[2] for e in entries]
-            w = None if all(v is None for v in valids) else torch.cat(
-                [v.reshape(-1).float() if v is not None else probs.new_ones(n) for v, n in zip(valids, counts)]
-            )
-            native_stats.add(self._flat, sum_offsets(E), probs, selected, w, counts)
-            return
         w = torch.cat(
             [e[2].reshape(-1).float() if e[2] is not None else probs.new_ones(n) for e, n in zip(entries, counts)]
         )
+        tasks_recorded = any(e[3] is not None for e in entries)
+        if not tasks_recorded and native_stats.applies(probs):  # the same sums in one native call
+            native_stats.add(self._flat, sum_offsets(E), probs, selected, w, counts)
+            return
         # A non-finite row (a diverged layer, an inf input) is counted and left out: one NaN would otherwise poison
         # every sum until the next reset.
         finite = torch.isfinite(probs).all(-1)

@@ -13,6 +13,16 @@
 
 #define LIME_MAX_EXPERTS 64
 
+/* The two balance terms of mean probabilities pbar (E,): |pbar|^2 (importance = E |pbar|^2 - 1 where the mean has
+ * tokens) and kl = sum_e pbar_e log(max(pbar_e, 1e-12) E), as routing.balance_terms_of_mean computes them. */
+static void terms_of_mean(const double *pbar, long E, double *sq, double *kl) {
+    *sq = *kl = 0.0;
+    for (long e = 0; e < E; ++e) {
+        *sq += pbar[e] * pbar[e];
+        *kl += pbar[e] * log((pbar[e] > 1e-12 ? pbar[e] : 1e-12) * (double)E);
+    }
+}
+
 int lime_stats_record(const float *probs, const unsigned char *selected, const float *w, const long *call_len,
                       long n_calls, long E, float *tokens, float *calls, float *entropy, float *active,
                       float *probs_sum, float *load, float *importance, float *kl, float *active_hist,
@@ -53,14 +63,11 @@ int lime_stats_record(const float *probs, const unsigned char *selected, const f
         }
         if (call_w > 0.0) {  /* a call without a valid token has no balance terms */
             const double count = call_w > 1.0 ? call_w : 1.0;
-            double sq = 0.0, div = 0.0;
-            for (long e = 0; e < E; ++e) {
-                const double pbar = pw[e] / count;
-                sq += pbar * pbar;
-                div += pbar * log((pbar > 1e-12 ? pbar : 1e-12) * (double)E);
-            }
+            double pbar[LIME_MAX_EXPERTS], sq, kl;
+            for (long e = 0; e < E; ++e) pbar[e] = pw[e] / count;
+            terms_of_mean(pbar, E, &sq, &kl);
             s_imp += (double)E * sq - 1.0;
-            s_kl += div;
+            s_kl += kl;
             s_calls += 1.0;
         }
         for (long e = 0; e < E; ++e) total_p[e] += pw[e];
@@ -100,13 +107,9 @@ static double balance_mean(const float *probs, const float *w, long n_tokens, lo
 
 int lime_balance_forward(const float *probs, const float *w, long n_tokens, long E, float c_imp, float c_kl,
                          float scale, float *out) {
-    double pbar[LIME_MAX_EXPERTS];
+    double pbar[LIME_MAX_EXPERTS], sq, kl;
     const double total = balance_mean(probs, w, n_tokens, E, pbar);
-    double sq = 0.0, kl = 0.0;
-    for (long e = 0; e < E; ++e) {
-        sq += pbar[e] * pbar[e];
-        kl += pbar[e] * log((pbar[e] > 1e-12 ? pbar[e] : 1e-12) * (double)E);
-    }
+    terms_of_mean(pbar, E, &sq, &kl);
     const double importance = total > 0.0 ? (double)E * sq - 1.0 : 0.0;
     out[0] = (float)(((double)c_imp * importance + (double)c_kl * kl) * (double)scale);
     out[1] = (float)importance;
