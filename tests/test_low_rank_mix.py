@@ -7,6 +7,8 @@ gradient between the two.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -133,7 +135,13 @@ def test_layer_paths_agree_in_training_and_eval(shared_expert, monkeypatch):
 
 def test_bf16_model_with_fp32_adapter_agrees(monkeypatch):
     """A bf16 backbone with PEFT's float32 adapter weights: the GEMM runs in bf16, within bf16 rounding of the
-    plain path (which rounds delta to bf16 before modulating)."""
+    plain path (which rounds delta to bf16 before modulating).
+
+    The gradients are measured against the exact ones (the same weights in float32, where both paths agree at 1e-5):
+    each tensor's error, max |grad - exact| over its scale, may not exceed the plain path's own by more than 3e-2,
+    and the fused path may not be less accurate than the plain one on average. Comparing the two bf16 paths with each
+    other instead asks a scalar gradient summed over every token (a gate) to agree within 8% where the plain path
+    itself is 15% off the exact value (on an AVX2 CPU; bf16 matmuls round differently per CPU)."""
     model = _model(dtype=torch.bfloat16, jitter_noise=0.0)
     assert next(p for n, p in model.named_parameters() if "lora_B" in n).dtype == torch.float32
     ids = torch.randint(3, VOCAB, (2, 8))
@@ -142,9 +150,16 @@ def test_bf16_model_with_fp32_adapter_agrees(monkeypatch):
     plain, plain_grads = _run(model, ids, mask, 1 << 62, monkeypatch)
     assert fused.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), plain.float(), atol=3e-2, rtol=3e-2)
-    for name, grad in plain_grads.items():
-        scale = grad.abs().max().item()
-        torch.testing.assert_close(fused_grads[name], grad, atol=3e-2 * scale, rtol=5e-2, msg=name)
+    _, exact_grads = _run(copy.deepcopy(model).float(), ids, mask, 1 << 62, monkeypatch)
+    assert set(fused_grads) == set(plain_grads) == set(exact_grads)
+    fused_errors, plain_errors = [], []
+    for name, exact in exact_grads.items():
+        scale = exact.abs().max().item()
+        assert scale > 0, name
+        fused_errors.append((fused_grads[name].float() - exact).abs().max().item() / scale)
+        plain_errors.append((plain_grads[name].float() - exact).abs().max().item() / scale)
+        assert fused_errors[-1] <= plain_errors[-1] + 3e-2, (name, fused_errors[-1], plain_errors[-1])
+    assert sum(fused_errors) <= sum(plain_errors), (sum(fused_errors), sum(plain_errors))
 
 
 def test_layer_takes_the_gemm_path_above_the_threshold(monkeypatch):

@@ -23,9 +23,9 @@ from peft_lime import native_build, native_low_rank, native_route
 from ._models import VOCAB, lime, lora, scatter_experts, tiny_llama
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-# (N tokens, rank r, experts E, width d): a single token, tails of tokens (not a multiple of 4) and of columns (not
-# a multiple of 16), r != E, and a real layer's width.
-SHAPES = [(1, 1, 1, 1), (3, 2, 5, 15), (13, 8, 8, 33), (64, 16, 4, 100), (258, 8, 8, 1536)]
+# (N tokens, rank r, experts E, width d): a single token, tails of tokens (not a multiple of the kernel's tile of 4
+# or 6) and of columns (not a multiple of its vector width of 4, 8 or 16), r != E, and a real layer's width.
+SHAPES = [(1, 1, 1, 1), (3, 2, 5, 15), (13, 8, 8, 33), (29, 8, 8, 37), (64, 16, 4, 100), (258, 8, 8, 1536)]
 
 
 @pytest.fixture(autouse=True)
