@@ -9,10 +9,11 @@ An extractor has up to three parts, registered per tuner-layer class with ``regi
   (e.g. LyCORIS module dropout);
 - ``check(layer, adapter)``: optional; raises when this adapter uses a variant whose delta is not implemented;
 - ``factors(layer, adapter, x)``: optional; delta as low-rank factors ``LowRankDelta(a, B, scaling)`` with
-  delta = scaling * a @ B.T, or None for this call (then ``delta`` is asked). Asked first in training and for large
-  calls: training keeps the small (N, r) ``a`` for backward instead of the (N, d) delta (see modulation.py), large
-  calls fold the whole modulated update into one GEMM (low_rank_mix.py); small no-grad calls (decoding) ask for
-  ``delta``, the fewest ops there. Only plain tensors and an ordinary weight may be returned.
+  delta = scaling * a @ B.T, or None for this call (then ``delta`` is asked). Asked first on every call: training
+  keeps the small (N, r) ``a`` for backward instead of the (N, d) delta (see modulation.py), large calls fold the
+  whole modulated update into one GEMM (low_rank_mix.py), small no-grad calls (decoding) build a @ B.T and pass the
+  scaling to the native decoding call (one multiply per layer and token fewer). Only plain tensors and an ordinary
+  weight may be returned.
 """
 
 from __future__ import annotations

@@ -133,13 +133,18 @@ class LimeLayer(nn.Module, BaseTunerLayer):
         dtype, d = h.dtype, h.shape[-1]
         # A low-rank tuner as factors: training keeps the (N, r) hidden state instead of the (N, d) delta for
         # backward, and large calls never build delta at all (one GEMM, low_rank_mix.py). The routed slice of delta
-        # is computed from the factors (E of d rows of B, a tiny matmul).
-        # A small no-grad call (decoding) asks for delta itself: then the plain modulation is the fewest ops.
+        # is computed from the factors (E of d rows of B, a tiny matmul). A small no-grad call (decoding) builds
+        # delta, the plain modulation being the fewest ops there; the native call takes the scaling itself.
         extractor = self._extractor
-        low_rank = delta = None
-        if extractor.factors is not None and (torch.is_grad_enabled() or use_low_rank_mix(h.numel() // d, d)):
-            low_rank = extractor.factors(self.base_layer, adapter, x)
-        if low_rank is not None:
+        delta = None
+        low_rank = extractor.factors(self.base_layer, adapter, x) if extractor.factors is not None else None
+        if low_rank is not None and not (torch.is_grad_enabled() or use_low_rank_mix(h.numel() // d, d)):
+            (a, B, scaling), low_rank = low_rank, None
+            unscaled = F.linear(a, B)
+            if (y := native_route.modulate(self, adapter, h, out, unscaled, scaling)) is not None:
+                return y  # decoding: routing and modulation as one native call (native_route.py)
+            delta = unscaled * scaling
+        elif low_rank is not None:
             a, B, scaling = low_rank
             delta_slice = F.linear(a, B.narrow(0, 0, E)) * scaling
         else:

@@ -192,23 +192,25 @@ def _(h, delta_slice, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t)
 
 
 @_op(
-    "route_modulate(Tensor h, Tensor out, Tensor delta, Tensor weight, Tensor? shared, Tensor? gate, int E, float c_h, float c_d, float floor2, float eps, int k, int auto, float threshold, int hard, float inv_t) -> Tensor"
+    "route_modulate(Tensor h, Tensor out, Tensor delta, Tensor weight, Tensor? shared, Tensor? gate, int E, float c_h, float c_d, float floor2, float eps, int k, int auto, float threshold, int hard, float inv_t, float delta_scale=1.0) -> Tensor"
 )
 def route_modulate(
     h: Tensor, out: Tensor, delta: Tensor, weight: Tensor, shared: Optional[Tensor], gate: Optional[Tensor], E: int,
     c_h: float, c_d: float, floor2: float, eps: float, k: int, auto: int, threshold: float, hard: int, inv_t: float,
+    delta_scale: float = 1.0,
 ) -> Tensor:
-    """out + delta * modulation of a no-grad call, routing included (native_route.modulate_kernel)."""
+    """out + (delta * delta_scale) * modulation of a no-grad call, routing included (native_route.modulate_kernel)."""
     plan = (E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t)
     tensors = [None if t is None else t.contiguous() for t in (h, out, delta, weight, shared, gate)]
-    y = native_route.modulate_kernel(*tensors, plan)
+    y = native_route.modulate_kernel(*tensors, plan, delta_scale)
     if y is None:
         raise RuntimeError("peft_lime::route_modulate: the kernel declined a call that tracing admitted")
     return y
 
 
 @torch.library.register_fake(OPS.route_modulate.default)
-def _(h, out, delta, weight, shared, gate, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t) -> Tensor:
+def _(h, out, delta, weight, shared, gate, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t,
+      delta_scale=1.0) -> Tensor:
     return out.new_empty(out.shape)
 
 

@@ -43,7 +43,7 @@ MAX_EXPERTS = 64  # LIME_MAX_EXPERTS in the C source: per-token scratch arrays l
 _FLOAT = torch.float32
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _P, _F, _L, _I = ctypes.c_void_p, ctypes.c_float, ctypes.c_long, ctypes.c_int
-_ARGTYPES = [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
+_ARGTYPES = [_P, _P, _F, _P, _P, _P, _P, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P]
 _WEIGHTS_ARGTYPES = [_P, _L, _P, _L, _L, _L, _F, _F, _F, _F, _L, _I, _F, _I, _F, _P, _I]
 _LOW_RANK_ARGTYPES = [_P] * 6 + [_L] * 4 + [_F, _I]
 _LOW_RANK_BACKWARD_ARGTYPES = [_P] * 9 + [_L] * 4 + [_F, _I]
@@ -200,14 +200,16 @@ def _plan_of_call(layer: Any, adapter: str, tensors: tuple[torch.Tensor, ...]) -
 
 def modulate_kernel(
     h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, shared: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor], plan: tuple,
+    gate: Optional[torch.Tensor], plan: tuple, delta_scale: float = 1.0,
 ) -> Optional[torch.Tensor]:
-    """The kernel's y for contiguous float32 CPU tensors of one shape (h, out, delta), or None if it declined."""
+    """The kernel's y for contiguous float32 CPU tensors of one shape (h, out, delta), or None if it declined; the
+    adapter output is ``delta * delta_scale``."""
     E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = plan
     width = out.shape[-1]
     y = torch.empty_like(out)
     status = _kernel(
-        h.data_ptr(), delta.data_ptr(), out.data_ptr(), y.data_ptr(), weight.data_ptr(), _ptr(shared), _ptr(gate),
+        h.data_ptr(), delta.data_ptr(), delta_scale, out.data_ptr(), y.data_ptr(), weight.data_ptr(), _ptr(shared),
+        _ptr(gate),
         out.numel() // width, width, E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t, None,
     )
     return y if status == 0 else None
@@ -223,11 +225,12 @@ def weights_kernel(h: torch.Tensor, delta_slice: torch.Tensor, plan: tuple) -> O
     return mix if status == 0 else None
 
 
-def modulate(layer: Any, adapter: str, h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor) -> Optional[
-    torch.Tensor
-]:
+def modulate(
+    layer: Any, adapter: str, h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor, delta_scale: float = 1.0
+) -> Optional[torch.Tensor]:
     """out + delta * modulation for one adapter of ``layer`` through the kernel, or None where it does not apply
-    (the caller then runs its eager path). h: the frozen output; delta: the adapter output; same shape as out.
+    (the caller then runs its eager path). h: the frozen output; the adapter output is ``delta * delta_scale`` (a
+    low-rank adapter passes its scaling here: no separate multiply per layer and token); same shape as out.
     In a compiled model: its custom op (native_ops.py)."""
     experts = layer.lime_experts[adapter]
     weight, shared, gate = experts.weight, experts.shared, experts.gate
@@ -238,8 +241,8 @@ def modulate(layer: Any, adapter: str, h: torch.Tensor, out: torch.Tensor, delta
     if plan is None:
         return None
     if torch.compiler.is_compiling():
-        return torch.ops.peft_lime.route_modulate(h, out, delta, weight, shared, gate, *plan)
-    return modulate_kernel(h, out, delta, weight, shared, gate, plan)
+        return torch.ops.peft_lime.route_modulate(h, out, delta, weight, shared, gate, *plan, delta_scale)
+    return modulate_kernel(h, out, delta, weight, shared, gate, plan, delta_scale)
 
 
 def weights(layer: Any, adapter: str, h: torch.Tensor, delta_slice: torch.Tensor) -> Optional[torch.Tensor]:

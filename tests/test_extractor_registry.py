@@ -81,19 +81,23 @@ def test_toy_tuner_routes_like_the_naive_definition_on_every_path(monkeypatch):
     x = torch.randn(2, 5, 16)
     calls.update(delta=0, factors=0)
     with torch.no_grad():
-        generic = layer(x)
-        assert calls == {"delta": 1, "factors": 0}  # a small no-grad call (decoding): delta itself, fewest ops
+        decoded = layer(x)
+        # a small no-grad call (decoding): delta built from the factors, its scaling passed to the native call
+        assert calls == {"delta": 0, "factors": 1}
         monkeypatch.setattr(low_rank_mix, "LOW_RANK_MIX_MIN_ELEMENTS", 0)
         gemm = layer(x)
-        assert calls == {"delta": 1, "factors": 1}  # a large no-grad call: the factors' single GEMM
+        assert calls == {"delta": 0, "factors": 2}  # a large no-grad call: the factors' single GEMM
         monkeypatch.undo()
-    layer.base_layer.no_factors = True
+        layer.base_layer.no_factors = True
+        generic = layer(x)  # factors refused for this call: delta itself
+        assert calls == {"delta": 1, "factors": 3}
     refused = layer(x)  # grad enabled but factors refused for this call: the generic path
-    assert calls == {"delta": 2, "factors": 2}
+    assert calls == {"delta": 2, "factors": 4}
     layer.base_layer.no_factors = False
     fast = layer(x)  # grad enabled: the low-rank fast path
-    assert calls == {"delta": 2, "factors": 3}
+    assert calls == {"delta": 2, "factors": 5}
     expected = _naive(layer, x)
+    torch.testing.assert_close(decoded, expected.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(generic, expected.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gemm, expected.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(refused, expected, atol=1e-5, rtol=1e-5)

@@ -81,6 +81,9 @@ def test_no_grad_ops_equal_their_kernels():
     torch.testing.assert_close(mix, native_route.weights_kernel(h, delta[:, :8].contiguous(), plan), **TOL)
     # and the modulation is the written one: out + delta * (1 + g p_s + mix @ W), mix from the same routing
     torch.testing.assert_close(y, out + delta * (1 + 0.5 * shared + mix @ weight), **TOL)
+    # delta_scale (LoRA's scaling from decoding layers): the op on the unscaled delta equals the kernel on the scaled
+    scaled = OPS.route_modulate(h, out, delta, weight, shared, gate, *plan, 0.37)
+    assert torch.equal(scaled, native_route.modulate_kernel(h, out, delta * 0.37, weight, shared, gate, plan))
 
 
 @pytest.mark.parametrize("op", ["low_rank_mix", "route_train", "route_weights", "route_modulate"])
@@ -95,7 +98,7 @@ def test_opcheck(op):
         args = (torch.randn(3, 16), torch.randn(3, 8), *_plan())
     else:
         args = (torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16), torch.randn(8, 16), torch.randn(16),
-                torch.tensor([0.5]), *_plan())
+                torch.tensor([0.5]), *_plan(), 0.37)
     torch.library.opcheck(getattr(OPS, op).default, args)
 
 

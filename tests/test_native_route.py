@@ -55,7 +55,7 @@ def kernel_calls(monkeypatch):
     kernel, weights_kernel = native_route._kernel, native_route._weights_kernel
 
     def counting(*args):
-        calls.append(("modulate", args[7]))
+        calls.append(("modulate", args[8]))
         return kernel(*args)
 
     def counting_weights(*args):
@@ -82,13 +82,33 @@ def _eager(h, delta, out, weight, offset, s):
     return sel.weights, modulate(out, sel.weights, weight, offset, delta=delta)
 
 
-def _kernel(h, delta, out, weight, shared, gate, s):
+def _kernel(h, delta, out, weight, shared, gate, s, delta_scale=1.0):
     E, c_h, c_d, floor2, eps, k, auto, threshold, hard, inv_t = native_route._plan(s)
     y, w = torch.empty_like(out), torch.empty(out.shape[0], E)
-    status = native_route._kernel(h.data_ptr(), delta.data_ptr(), out.data_ptr(), y.data_ptr(), weight.data_ptr(),
+    status = native_route._kernel(h.data_ptr(), delta.data_ptr(), delta_scale, out.data_ptr(), y.data_ptr(),
+                                  weight.data_ptr(),
                                   shared.data_ptr(), gate.data_ptr(), out.shape[0], out.shape[1], E, c_h, c_d, floor2,
                                   eps, k, auto, threshold, hard, inv_t, w.data_ptr())
     return status, w, y
+
+
+@pytest.mark.parametrize("name", ["auto soft (default)", "top-1 hard"])
+def test_kernel_scales_delta_as_torch_would(name: str) -> None:
+    """delta_scale (LoRA's scaling, passed by decoding layers) gives bit for bit what the kernel gives for torch's
+    delta * scaling: routing reads the scaled routed slice, and the modulation the scaled delta."""
+    assert native_route.available()
+    s = _settings(num_experts=4, **SETTINGS[name])
+    gen = torch.Generator().manual_seed(3)
+    h, delta, out = (torch.randn(40, 24, generator=gen) for _ in range(3))
+    weight, shared, gate = torch.randn(4, 24, generator=gen), torch.randn(24, generator=gen), torch.tensor([0.7])
+    scaling = 0.37  # far from 1: an unscaled routed slice or modulation shows
+    status, w, y = _kernel(h, delta, out, weight, shared, gate, s, delta_scale=scaling)
+    ref_status, ref_w, ref_y = _kernel(h, delta * scaling, out, weight, shared, gate, s)
+    assert status == ref_status == 0
+    assert torch.equal(w, ref_w) and torch.equal(y, ref_y)
+    w_eager, y_eager = _eager(h, delta * scaling, out, weight, 1.0 + gate * shared, s)
+    torch.testing.assert_close(y, y_eager, **TOL)
+    assert not torch.allclose(y, _kernel(h, delta, out, weight, shared, gate, s)[2], atol=1e-3)
 
 
 def test_the_kernel_builds_where_a_compiler_is() -> None:

@@ -118,17 +118,20 @@ int lime_route_weights(const float *h, long h_stride, const float *d, long d_str
     return status;
 }
 
-int lime_route_modulate(const float *h, const float *delta, const float *out, float *y, const float *experts,
-                        const float *shared, const float *gate, long n_tokens, long width, long n_experts, float c_h,
-                        float c_d, float floor2, float eps, long k, int auto_topk, float threshold, int hard,
-                        float inv_t, float *weights_out) {
+/* delta_scale: the adapter's output is delta_scale * delta (LoRA's scaling, applied here instead of by a separate
+ * (1, d) multiply per layer and token); each value is scaled as torch's delta * scaling would round it. */
+int lime_route_modulate(const float *h, const float *delta, float delta_scale, const float *out, float *y,
+                        const float *experts, const float *shared, const float *gate, long n_tokens, long width,
+                        long n_experts, float c_h, float c_d, float floor2, float eps, long k, int auto_topk,
+                        float threshold, int hard, float inv_t, float *weights_out) {
     const long E = n_experts;
-    float w[LIME_MAX_EXPERTS];
+    float w[LIME_MAX_EXPERTS], routed[LIME_MAX_EXPERTS];
     const float g = shared ? gate[0] : 0.0f;
     for (long n = 0; n < n_tokens; ++n) {
         const float *hn = h + n * width, *dn = delta + n * width, *on = out + n * width;
         float *yn = y + n * width;
-        if (route_token(hn, dn, E, c_h, c_d, floor2, eps, k, auto_topk, threshold, hard, inv_t, w)) return 1;
+        for (long e = 0; e < E; ++e) routed[e] = dn[e] * delta_scale;
+        if (route_token(hn, routed, E, c_h, c_d, floor2, eps, k, auto_topk, threshold, hard, inv_t, w)) return 1;
         if (weights_out)
             for (long e = 0; e < E; ++e) weights_out[n * E + e] = w[e];
         /* y = out + delta * (1 + g p_s + w @ W), one pass per term so every loop vectorises over the width. */
@@ -140,7 +143,7 @@ int lime_route_modulate(const float *h, const float *delta, const float *out, fl
             const float we = w[e], *row = experts + e * width;
             for (long j = 0; j < width; ++j) yn[j] += we * row[j];
         }
-        for (long j = 0; j < width; ++j) yn[j] = on[j] + dn[j] * yn[j];
+        for (long j = 0; j < width; ++j) yn[j] = on[j] + (dn[j] * delta_scale) * yn[j];
     }
     return 0;
 }
