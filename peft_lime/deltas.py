@@ -90,9 +90,14 @@ def plain_linear_weight(module: nn.Module) -> Optional[torch.Tensor]:
     What a ``factors`` function may hand to the fused path: FSDP-wrapped leaves (another class) and DeepSpeed ZeRO-3
     partitioned weights (``ds_id``) must keep the generic path, which only calls the modules.
     """
-    if type(module) is not nn.Linear or module.bias is not None:
+    if type(module) is not nn.Linear:
         return None
-    weight = module.weight
-    if type(weight) is not nn.Parameter or hasattr(weight, "ds_id"):
+    # Read from the parameter dict, and ds_id from the tensor's own attributes where not traced (dynamo cannot read a
+    # tensor's __dict__): decoding asks this twice per layer and token, and module.__getattr__ plus hasattr on a
+    # tensor (a raised AttributeError) made it a 3 us check.
+    params = module._parameters
+    weight = params.get("weight")
+    if params.get("bias") is not None or type(weight) is not nn.Parameter:
         return None
-    return weight
+    deepspeed = hasattr(weight, "ds_id") if torch.compiler.is_compiling() else "ds_id" in weight.__dict__
+    return None if deepspeed else weight

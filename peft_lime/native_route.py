@@ -160,7 +160,7 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 def plain_float_cpu(t: torch.Tensor) -> bool:
     """Whether the native library may read ``t`` by pointer: a float32 CPU tensor of a plain class (a subclass such
     as a DTensor shard or a FakeTensor may not hold its values at data_ptr())."""
-    return type(t) in _PLAIN and t.dtype == _FLOAT and t.device.type == "cpu"
+    return type(t) in _PLAIN and t.dtype == _FLOAT and t.is_cpu  # is_cpu: no device object built (decoding asks often)
 
 
 def traced_native(*tensors: torch.Tensor) -> bool:

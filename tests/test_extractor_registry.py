@@ -132,3 +132,14 @@ def test_unregistered_tuner_gets_the_registry_error():
     assert LimeLayer(Unknown(nn.Linear(16, 12), "default"), "default", lime(lora()), RoutingContext()) is not None
     with pytest.raises(TypeError, match="register_delta"):
         LimeLayer(Other(), "default", lime(lora(), num_experts=2), RoutingContext())
+
+
+def test_plain_linear_weight_refuses_biased_subclassed_and_deepspeed_partitioned_weights():
+    from peft_lime.deltas import plain_linear_weight
+
+    linear = nn.Linear(4, 3, bias=False)
+    assert plain_linear_weight(linear) is linear.weight
+    assert plain_linear_weight(nn.Linear(4, 3)) is None  # a bias
+    assert plain_linear_weight(type("Wrapped", (nn.Linear,), {})(4, 3, bias=False)) is None  # another class
+    linear.weight.ds_id = 7  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    assert plain_linear_weight(linear) is None
