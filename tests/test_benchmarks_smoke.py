@@ -290,3 +290,20 @@ def test_separation_quick_writes_every_row_with_per_example_predictions(tmp_path
     tests = [r for r in runs if "test" in r]
     assert tests and all(len(r["test"]) == 4 and all(len(p) == 8 for p in r["test"]) for r in tests)
     assert all(r["seed"] == 0 for r in runs if "validation" in r)
+
+
+def test_low_rank_kernel_benchmark_checks_and_times_every_build(tmp_path: Path) -> None:
+    """`python benchmarks/low_rank_kernel.py --quick`: every build shape is built, checked against torch (tails of
+    tokens and columns at d = 33) and timed, and the markdown has a row per build."""
+    import json
+
+    bench = load_benchmark("low_rank_kernel")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "low_rank_kernel.json").read_text())
+    text = (tmp_path / "low_rank_kernel.md").read_text()
+    assert result["widths"] == [33] and result["lora"]["33"]["backward_ms"] > 0
+    for label, _ in bench.BUILDS:
+        row = result["builds"][label]["33"]
+        assert row["forward_ms"] > 0 and row["backward_ms"] > 0
+        assert f"| {label} | 33 |" in text
+    assert text == bench.render(result)

@@ -22,6 +22,7 @@
  * microbenchmark of both entries, one thread, d = 192 .. 1536). TILE_TOKENS: the most tokens whose partial sums
  * still fit the 16 vector registers of AVX2 / SSE beside the weight row (6 beat 2, 3, 4 and 8 there); AVX-512 keeps
  * the tile of 4 these loops were first measured with. */
+#ifndef LANES /* -DLANES=.. -DTILE_TOKENS=.. override both (benchmarks/low_rank_kernel.py compares builds) */
 #if defined(__AVX512F__)
 #define LANES 16
 #define TILE_TOKENS 4
@@ -31,6 +32,7 @@
 #else
 #define LANES 4
 #define TILE_TOKENS 6
+#endif
 #endif
 #define MAX_THREADS 64
 #define MAX_FACTORS 64 /* r and E: per-token partial sums live on the stack */
